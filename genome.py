@@ -1,0 +1,273 @@
+"""The STAR genome (paper section 4; STAR_SPEC.md sections 2 to 4): its three levels as data,
+validation and repair, the variation operators, text forms and the baselines.
+
+- Featurizer genome: per class, how features are computed (`FEATURIZERS`: expansion, repeat
+  factor, short convolution, state size).
+- Operator genome: 5 integers per LIV class (featurizer class, token mixing, sparsity mask,
+  nonlinearity, channel mixing), in the 17-class `CATALOGUE`.
+- Backbone genome: an (n_livs, 5) integer array, one row per LIV in depth:
+      0 LIV class (1..17, an index into CATALOGUE)
+      1 featurizer-sharing group (1..n_livs)   2 featurizer-sharing strategy (1 none, 2 all weights)
+      3 feature-group-sharing group (1..n_livs) 4 feature-group strategy (FEATURE_SHARING)
+  A group is led by its first member in depth. In the canonical (valid) form a group gene holds
+  the 1-based position of the LIV's leader, and a LIV that shares nothing is its own leader.
+
+Nothing here needs torch: the search can run its bookkeeping without it. All randomness comes
+from a `numpy.random.Generator` passed in.
+"""
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LIVClass:
+    name: str
+    operator: tuple      # operator genome: (featurizer class, token mixing, sparsity, nonlinearity, channel mixing)
+    mixer: str           # liv.MIXERS key implementing the token mixing
+    featurizer: dict = field(default_factory=dict)  # featurizer genome (liv.LIVConfig fields)
+    layout: str = ""     # classes with the same layout may share computed features
+    diff: bool = False
+
+    @property
+    def groups(self):
+        """Feature groups the class computes (and so can share)."""
+        return {"attention": "CBV", "recurrence": "CBVA", "short_conv": "CBV",
+                "long_conv": "CBV", "gated": "CV"}[self.mixer]
+
+
+# Token mixing codes (spec section 1): 1 diagonal, 2 low-rank, 3 scaled Toeplitz, 4 semi-separable.
+# Nonlinearity codes (ours beyond the paper's examples): 1 identity, 2 softmax, 4 SiLU.
+# Channel mixing: 1 diagonal, 2 dense, 3 grouped (heads). Sparsity: 1 none, 2 banded.
+_BASE = [
+    LIVClass("SA-1", (1, 2, 1, 2, 3), "attention", {}, "mha"),
+    LIVClass("SA-2", (2, 2, 1, 2, 3), "attention", {"feature_conv": 3}, "mha"),
+    LIVClass("SA-3", (3, 2, 1, 2, 3), "attention", {"kv_repeat": 4}, "gqa"),
+    LIVClass("SA-4", (4, 2, 1, 2, 3), "attention", {"kv_repeat": 0}, "mqa"),
+    LIVClass("Rec-1", (5, 4, 1, 1, 1), "recurrence", {"state": 16, "feature_conv": 3}, "rec16"),
+    LIVClass("Rec-2", (6, 4, 1, 1, 1), "recurrence", {"state": 2, "feature_conv": 3}, "rec2"),
+    LIVClass("GConv-1", (7, 3, 1, 1, 1), "short_conv", {"kernel": 3}, "conv"),
+    LIVClass("GConv-2", (8, 3, 1, 1, 1), "long_conv", {}, "conv"),
+]
+GMEMLESS = LIVClass("GMemless", (9, 1, 1, 4, 2), "gated", {"expansion": 8 / 3}, "gated")
+# Differential variants (paper): featurizer classes 10..17 (ours: the numbering is not published).
+_DIFF = [LIVClass(c.name + "-Diff", (10 + i,) + c.operator[1:], c.mixer, c.featurizer, c.layout + "-diff", True)
+         for i, c in enumerate(_BASE)]
+CATALOGUE = _BASE + [GMEMLESS] + _DIFF   # genome gene 0 = position in this list + 1
+CLASS_INDEX = {c.name: i + 1 for i, c in enumerate(CATALOGUE)}
+
+FEATURE_SHARING = {1: "", 2: "BV", 3: "B", 4: "CB"}  # strategy -> shared feature groups (ours)
+GENES = 5
+
+
+def allowed_values(n_livs):
+    """Allowed values (inclusive ranges) of the 5 backbone genes of one LIV."""
+    return [(1, len(CATALOGUE)), (1, n_livs), (1, 2), (1, n_livs), (1, len(FEATURE_SHARING))]
+
+
+def lookup(genome_row):
+    return CATALOGUE[int(genome_row[0]) - 1]
+
+
+def as_array(genome):
+    """Any list of 5-integer lists (or array) -> an (n, 5) int64 array; raise ValueError if malformed."""
+    try:
+        g = np.asarray(genome)
+    except ValueError:
+        raise ValueError("a genome is a list of 5-integer rows, one per LIV") from None
+    if g.ndim != 2 or g.shape[1] != GENES or g.shape[0] < 1:
+        raise ValueError(f"a genome is a list of 5-integer rows, one per LIV; got shape {g.shape}")
+    if not np.issubdtype(g.dtype, np.integer):
+        if not np.issubdtype(g.dtype, np.number) or np.any(g != np.round(g)):
+            raise ValueError("genome genes must be integers")
+    return g.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and repair
+
+
+def _featurizer_ok(g, leader, i):
+    return g[leader, 0] == g[i, 0]  # weight sharing needs identical featurizers: the same class
+
+
+def _feature_supported(g, i):
+    return set(FEATURE_SHARING[g[i, 4]]) <= set(lookup(g[i]).groups)
+
+
+def _feature_ok(g, leader, i):
+    return _feature_supported(g, i) and lookup(g[leader]).layout == lookup(g[i]).layout
+
+
+_SHARING = [  # (group column, strategy column, can lead, can follow leader)
+    (1, 2, lambda g, i: True, _featurizer_ok),
+    (3, 4, _feature_supported, _feature_ok),
+]
+
+
+def repair(genome):
+    """A valid genome, deterministically (spec section 2): genes clipped to their ranges, groups
+    renamed after their leader (first member in depth), impossible sharing reset to none."""
+    g = as_array(genome).copy()
+    for col, (lo, hi) in enumerate(allowed_values(len(g))):
+        g[:, col] = np.clip(g[:, col], lo, hi)
+    for group, strategy, can_lead, can_follow in _SHARING:
+        leaders = {}  # raw group id -> position of its leader
+        for i in range(len(g)):
+            raw = g[i, group]
+            if g[i, strategy] > 1 and raw not in leaders and can_lead(g, i):
+                leaders[raw] = i
+            elif g[i, strategy] > 1 and raw in leaders and can_follow(g, leaders[raw], i):
+                pass
+            else:
+                g[i, strategy] = 1
+            g[i, group] = leaders[raw] + 1 if g[i, strategy] > 1 else i + 1
+    return g
+
+
+def validate(genome):
+    """The problems of a genome, in words; [] for a valid one."""
+    try:
+        g = as_array(genome)
+    except ValueError as e:
+        return [str(e)]
+    problems = []
+    for col, (lo, hi) in enumerate(allowed_values(len(g))):
+        for i in np.flatnonzero((g[:, col] < lo) | (g[:, col] > hi)):
+            problems.append(f"LIV {i + 1}: gene {col + 1} = {g[i, col]} is outside {lo}..{hi}")
+    if problems:
+        return problems
+    names = {1: "featurizer", 3: "feature-group"}
+    for group, strategy, can_lead, can_follow in _SHARING:
+        for i in range(len(g)):
+            leader = g[i, group] - 1
+            what = f"LIV {i + 1} ({lookup(g[i]).name}): {names[group]} sharing"
+            if g[i, strategy] == 1 and leader != i:
+                problems.append(f"{what}: shares nothing but names group {leader + 1} (must be its own, {i + 1})")
+            elif g[i, strategy] > 1 and leader == i and not can_lead(g, i):
+                problems.append(f"{what}: strategy {g[i, strategy]} is impossible for this class")
+            elif g[i, strategy] > 1 and leader != i:
+                if leader > i or g[leader, strategy] == 1 or g[leader, group] != leader + 1:
+                    problems.append(f"{what}: group {leader + 1} is not led by an earlier sharing LIV")
+                elif not can_follow(g, leader, i):
+                    problems.append(f"{what}: incompatible with its leader {lookup(g[leader]).name}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Variation operators (paper section 4.2), all followed by repair
+
+
+def random_genome(n_livs, rng):
+    """A random valid backbone genome of n_livs LIVs."""
+    cols = [rng.integers(lo, hi + 1, size=n_livs) for lo, hi in allowed_values(n_livs)]
+    return repair(np.stack(cols, axis=1))
+
+
+def mutate(genome, rng, p=0.1):
+    """Per-gene mutation: each gene is redrawn from its allowed values with probability p."""
+    g = as_array(genome).copy()
+    for col, (lo, hi) in enumerate(allowed_values(len(g))):
+        hit = rng.random(len(g)) < p
+        g[hit, col] = rng.integers(lo, hi + 1, size=int(hit.sum()))
+    return repair(g)
+
+
+def crossover(a, b, rng):
+    """2-point crossover of two backbone genomes of the same depth, cut between LIVs."""
+    a, b = as_array(a), as_array(b)
+    if len(a) != len(b):
+        raise ValueError("crossover needs genomes of the same depth")
+    i, j = sorted(rng.choice(len(a) + 1, size=2, replace=False))
+    c1, c2 = a.copy(), b.copy()
+    c1[i:j], c2[i:j] = b[i:j], a[i:j]
+    return repair(c1), repair(c2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text forms
+
+
+def to_compact(genome):
+    """One-line form for the command line: LIVs joined by '-', genes by '.': '1.1.1.1.1-9.2.1.2.1'."""
+    return "-".join(".".join(str(int(v)) for v in row) for row in as_array(genome))
+
+
+def from_compact(text):
+    try:
+        rows = [[int(v) for v in liv.split(".")] for liv in text.strip().split("-")]
+    except ValueError:
+        raise ValueError(f"not a compact genome: {text!r} (expected e.g. 1.1.1.1.1-9.2.1.1.1)") from None
+    return as_array(rows)
+
+
+def to_json(genome):
+    g = as_array(genome)
+    return json.dumps({"format": "star-genome", "n_livs": len(g), "summary": summary(g),
+                       "genome": g.tolist()}, indent=1)
+
+
+def from_json(text):
+    data = json.loads(text)
+    return as_array(data["genome"] if isinstance(data, dict) else data)
+
+
+def load(spec):
+    """A genome from a JSON file path, a compact string or a baseline name."""
+    import os
+    if spec in BASELINES:
+        raise ValueError(f"{spec!r} is a baseline: use --baseline")
+    if os.path.exists(spec):
+        try:
+            with open(spec) as f:
+                return from_json(f.read())
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{spec}: not a genome file ({e})") from None
+    if spec.endswith(".json"):
+        raise ValueError(f"genome file not found: {spec}")
+    return from_compact(spec)
+
+
+def liv_label(g, i):
+    """A LIV's class, with its sharing: '<f3' featurizer of LIV 3, '<BV3' features B, V of LIV 3."""
+    label = lookup(g[i]).name
+    if g[i, 2] > 1 and g[i, 1] != i + 1:
+        label += f"<f{g[i, 1]}"
+    if g[i, 4] > 1 and g[i, 3] != i + 1:
+        label += f"<{FEATURE_SHARING[g[i, 4]]}{g[i, 3]}"
+    return label
+
+
+def summary(genome):
+    """Readable summary, the shortest repeating motif and its count: 'SA-1 GMemless | x12'."""
+    g = as_array(genome)
+    labels = [liv_label(g, i) for i in range(len(g))]
+    for period in range(1, len(labels) + 1):
+        if len(labels) % period == 0 and labels == labels[:period] * (len(labels) // period):
+            return " ".join(labels[:period]) + f" | x{len(labels) // period}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines (spec section 4)
+
+
+def _striped(n_livs, pattern):
+    names = [pattern[i % len(pattern)] for i in range(n_livs)]
+    return repair([[CLASS_INDEX[name], i + 1, 1, i + 1, 1] for i, name in enumerate(names)])
+
+
+BASELINES = {
+    "transformer++": ("SA-1", "GMemless"),
+    "striped-mamba": ("Rec-1", "GMemless", "Rec-1", "GMemless", "SA-1", "GMemless"),
+    "striped-hyena": ("GConv-2", "GMemless", "GConv-2", "GMemless", "SA-1", "GMemless"),
+}
+
+
+def baseline(name, n_livs=24):
+    """A baseline backbone at any even depth (paper: 24 LIVs)."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    if n_livs < 2 or n_livs % 2:
+        raise ValueError(f"baselines need an even number of LIVs, got {n_livs}")
+    return _striped(n_livs, BASELINES[name])
