@@ -1,0 +1,426 @@
+"""Tests: every operator against an independent reference, the genome's invariants, the model's
+exact formulas, the search against known fronts, and the command lines. Run: python -m pytest -q"""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import genome as gn
+import liv
+import star
+
+CLASS_NAMES = [c.name for c in gn.CATALOGUE]
+TINY = dataclasses.replace(star.PRESETS["tiny"], width=32, heads=4, n_livs=4, seq_len=32, batch_size=4,
+                           steps=8, warmup=2, eval_batches=2, chunk=8)
+
+
+def liv_config(name, **kw):
+    cls = gn.CATALOGUE[gn.CLASS_INDEX[name] - 1]
+    settings = dict(mixer=cls.mixer, width=32, heads=4, diff=cls.diff, max_len=48, chunk=8)
+    settings.update(cls.featurizer)
+    settings.update(kw)
+    return liv.LIVConfig(**settings)
+
+
+def make_liv(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = liv.LIV(liv_config(name, **kw))
+    with torch.no_grad():  # non-trivial values everywhere (e.g. lambda, norms, skip) for the checks
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return layer
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def cache_tensors(cache):
+    out = [v for k, v in cache.items() if k.startswith("conv_")]
+    return out + [t for sub in cache["mixers"] for t in sub.values() if torch.is_tensor(t)]
+
+
+# ---------------------------------------------------------------------------------------------
+# liv.py: each of the 17 classes
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_causal(name):
+    layer = make_liv(name)
+    x = torch.randn(2, 21, 32)
+    t = 9
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randn(2, 21 - t - 1, 32)
+    y1, y2 = layer(x)[0], layer(x2)[0]
+    assert torch.allclose(y1[:, : t + 1], y2[:, : t + 1], atol=1e-6)
+    assert not torch.allclose(y1[:, t + 1:], y2[:, t + 1:], atol=1e-3)  # the future does matter later
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_parallel_equals_step_decoding(name):
+    layer = make_liv(name)
+    x = torch.randn(2, 23, 32)
+    full = layer(x)[0]
+    cache = layer.init_cache(2, 48)
+    prefix = layer(x[:, :6], cache=cache)[0]  # prefill, then one token at a time
+    steps = [layer.step(x[:, i: i + 1], cache)[0] for i in range(6, 23)]
+    assert rel_err(torch.cat([prefix] + steps, 1), full) < 1e-4
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_cache_and_param_formulas_match_tensors(name):
+    layer = make_liv(name)
+    for batch, max_len in [(1, 16), (3, 48)]:
+        real = sum(t.numel() * t.element_size() for t in cache_tensors(layer.init_cache(batch, max_len)))
+        assert layer.cache_bytes(batch, max_len, 4) == real
+    assert layer.param_count() == sum(p.numel() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_forward_backward_finite(name):
+    layer = make_liv(name)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    y = layer(x)[0]
+    y.square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_no_loop_over_time_in_training_forward(name):
+    """A Python loop over time steps would issue more tensor ops for a longer sequence."""
+    layer = make_liv(name)
+    counts = []
+    for length in (16, 48):
+        with OpCounter() as counter:
+            layer(torch.randn(1, length, 32))
+        counts.append(counter.count)
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("length", [32, 40, 7, 1])
+def test_chunked_recurrence_equals_loop(length):
+    torch.manual_seed(1)
+    q, kk = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
+    v = torch.randn(2, 3, length, 5)
+    log_a = torch.nn.functional.logsigmoid(torch.randn(2, 3, length) + 2)
+    y, state = liv.chunked_recurrence(q, kk, v, log_a, chunk=8)
+    y_ref, state_ref = liv.recurrence_reference(q, kk, v, log_a)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5
+
+
+def test_fft_convolution_equals_direct():
+    torch.manual_seed(2)
+    z, k = torch.randn(2, 37, 6), torch.randn(6, 37)
+    assert rel_err(liv.fft_conv(z, k), liv.conv_reference(z, k)) < 1e-5
+
+
+@pytest.mark.parametrize("repeat,window", [(1, 0), (4, 0), (0, 0), (1, 5), (2, 3)])
+def test_attention_equals_masked_softmax(repeat, window):
+    """The SDPA path (GQA via enable_gqa, banded mask) equals naive masked softmax; repeat 1 is MHA."""
+    torch.manual_seed(3)
+    cfg = liv.LIVConfig(mixer="attention", width=32, heads=4, kv_repeat=repeat, window=window)
+    q = torch.randn(2, 4, 11, 8)
+    k, v = torch.randn(2, cfg.kv_heads, 11, 8), torch.randn(2, cfg.kv_heads, 11, 8)
+    out = liv.AttentionMixer(cfg).attend(q, k, v)
+    assert rel_err(out, liv.attention_reference(q, k, v, window)) < 1e-5
+
+
+def test_banded_attention_layer_decodes_like_parallel():
+    layer = make_liv("SA-1", window=4)
+    x = torch.randn(1, 15, 32)
+    cache = layer.init_cache(1, 15)
+    steps = [layer(x[:, :1], cache=cache)[0]] + [layer.step(x[:, i: i + 1], cache)[0] for i in range(1, 15)]
+    assert rel_err(torch.cat(steps, 1), layer(x)[0]) < 1e-4
+
+
+def test_featurizer_sharing_uses_the_same_tensors():
+    leader = make_liv("Rec-1")
+    follower = liv.LIV(leader.cfg, featurizer_from=leader)
+    alone = liv.LIV(leader.cfg)
+    for name in leader.features:
+        assert follower.features[name].proj.weight is leader.features[name].proj.weight
+    shared = sum(p.numel() for p in leader.features.parameters())
+    assert follower.param_count() == alone.param_count() - shared
+    both = torch.nn.ModuleList([leader, follower])
+    assert sum(p.numel() for p in both.parameters()) == leader.param_count() + follower.param_count()
+
+
+@pytest.mark.parametrize("name", ["SA-1", "SA-2-Diff", "SA-3"])
+def test_kv_sharing_computes_with_the_leaders_features(name):
+    leader, own = make_liv(name, seed=1), make_liv(name, seed=2)
+    follower = liv.LIV(leader.cfg, shared_groups=("B", "V"))
+    # `own` computes its own K/V with the leader's projection weights: the same K/V as the leader
+    for group in ("B", "V", "B2"):
+        if group in own.features:
+            own.features[group].load_state_dict(leader.features[group].state_dict())
+    follower.load_state_dict(own.state_dict(), strict=False)
+    x = torch.randn(2, 13, 32)
+    _, features = leader(x)
+    assert rel_err(follower(x, shared=features)[0], own(x)[0]) < 1e-5
+    # and decoding reads the leader's cache, owning none for K/V (nor the featurizer convs' state)
+    cfg, sizes = leader.cfg, own.feature_sizes()
+    kv = (3 if cfg.diff else 2) * 2 * cfg.kv_heads * 13 * cfg.head_dim * 4  # K, V (and K2)
+    convs = sum(2 * sizes[g] * (cfg.feature_conv - 1) * 4 for g in ("B", "V", "B2") if g in sizes and cfg.feature_conv)
+    assert own.cache_bytes(2, 13) - follower.cache_bytes(2, 13) == kv + convs
+    lc, fc = leader.init_cache(2, 13), follower.init_cache(2, 13)
+    assert "k" not in fc["mixers"][0] and "v" not in fc["mixers"][0]
+    ys = []
+    for i in range(13):
+        _, f = leader.step(x[:, i: i + 1], lc) if i else leader(x[:, :1], cache=lc)
+        ys.append(follower.step(x[:, i: i + 1], fc, shared=f)[0] if i else follower(x[:, :1], f, fc)[0])
+    assert rel_err(torch.cat(ys, 1), own(x)[0]) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# genome.py
+
+
+def test_catalogue_matches_the_spec():
+    assert len(gn.CATALOGUE) == 17
+    base = ["SA-1", "SA-2", "SA-3", "SA-4", "Rec-1", "Rec-2", "GConv-1", "GConv-2"]
+    assert CLASS_NAMES == base + ["GMemless"] + [n + "-Diff" for n in base]
+    known = {"SA-1": (1, 2, 1, 2, 3), "GConv-1": (7, 3, 1, 1, 1), "GConv-2": (8, 3, 1, 1, 1),
+             "Rec-1": (5, 4, 1, 1, 1), "Rec-2": (6, 4, 1, 1, 1), "GMemless": (9, 1, 1, 4, 2)}
+    for name, operator in known.items():
+        assert gn.CATALOGUE[gn.CLASS_INDEX[name] - 1].operator == operator
+    assert len({c.operator for c in gn.CATALOGUE}) == 17
+
+
+def test_text_forms_round_trip():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        g = gn.random_genome(int(rng.integers(1, 30)), rng)
+        assert (gn.from_compact(gn.to_compact(g)) == g).all()
+        assert (gn.from_json(gn.to_json(g)) == g).all()
+    assert gn.summary(gn.baseline("transformer++", 24)) == "SA-1 GMemless | x12"
+
+
+def test_validate_names_problems_and_repair_fixes_them():
+    g = gn.baseline("transformer++", 4)
+    bad = g.copy()
+    bad[0, 0] = 99  # class out of range (clipped to 17, SA-4-Diff... then leads featurizer group 1)
+    bad[0, 1:3] = [1, 2]
+    bad[1, 1:3] = [1, 2]  # GMemless asks to share the featurizer of LIV 1: another class, impossible
+    bad[3, 3:5] = [1, 2]  # GMemless cannot share B and V
+    problems = gn.validate(bad)
+    assert any("outside" in p for p in problems)
+    fixed = gn.repair(bad)
+    assert gn.validate(fixed) == [] and fixed[1, 2] == 1 and fixed[3, 4] == 1
+    assert gn.validate(gn.repair(np.array([[1, 1, 2, 1, 2], [9, 1, 2, 1, 2]]))) == []
+    assert "incompatible" in " ".join(gn.validate([[1, 1, 2, 1, 1], [9, 1, 2, 2, 1]]))
+    assert gn.validate([[1, 2, 3]]) and gn.validate("nonsense")
+
+
+def test_variation_outputs_are_valid_and_compile():
+    rng = np.random.default_rng(0)
+    tiny = dataclasses.replace(TINY, width=8, heads=2, seq_len=6, chunk=4)
+    genomes = [gn.random_genome(4, rng) for _ in range(2000)]
+    children = []
+    for i in range(1000):
+        a, b = genomes[i], genomes[i + 1000]
+        children.extend(gn.mutate(c, rng) for c in gn.crossover(a, b, rng))
+    x = torch.randint(0, 16, (1, 6))
+    for g in genomes + children:
+        assert gn.validate(g) == [], g
+        assert (gn.repair(g) == g).all()  # repair is idempotent on valid genomes
+        with torch.no_grad():
+            logits, _ = star.build_model(g, tiny, vocab_size=16)(x)
+        assert torch.isfinite(logits).all()
+
+
+def test_baselines_at_any_even_depth():
+    for name in gn.BASELINES:
+        for n in (2, 6, 24):
+            g = gn.baseline(name, n)
+            assert len(g) == n and gn.validate(g) == []
+    assert [c.name for c in map(gn.lookup, gn.baseline("striped-mamba", 6))] == \
+        ["Rec-1", "GMemless", "Rec-1", "GMemless", "SA-1", "GMemless"]
+    with pytest.raises(ValueError):
+        gn.baseline("transformer++", 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# star.py: model, metrics, training
+
+
+def all_classes_genome(share=False):
+    rows = [[i + 1, i + 1, 1, i + 1, 1] for i in range(17)]
+    if share:  # SA-1 at 18 shares SA-1's featurizer; SA-1 at 19 shares SA-1's K/V; Rec-1 at 20 its features
+        rows += [[1, 1, 2, 18, 1], [1, 19, 1, 18, 2], [5, 5, 2, 5, 2]]
+        rows[0] = [1, 1, 2, 1, 2]
+        rows[4] = [5, 5, 1, 5, 2]
+    return gn.repair(rows)
+
+
+def test_param_and_cache_formulas_match_the_model():
+    rng = np.random.default_rng(1)
+    for g in [all_classes_genome(), all_classes_genome(True)] + [gn.random_genome(8, rng) for _ in range(20)]:
+        model = star.build_model(g, TINY)
+        total, non_embedding = star.param_counts(model)
+        assert total == sum(p.numel() for p in model.parameters())  # parameters() deduplicates
+        assert total - non_embedding == model.embed.weight.numel()
+        caches = model.init_caches(2, 32)
+        real = sum(t.numel() * t.element_size() for c in caches for t in cache_tensors(c))
+        assert star.cache_bytes(model, 32, batch=2, bytes_per_element=4) == real
+
+
+def test_shared_featurizer_drops_parameters_by_its_size():
+    plain = star.build_model(gn.baseline("transformer++", 4), TINY)
+    shared_genome = gn.baseline("transformer++", 4)
+    shared_genome[0, 1:3] = [1, 2]
+    shared_genome[2, 1:3] = [1, 2]  # the second SA-1 reuses the first's Q, K, V weights
+    shared = star.build_model(shared_genome, TINY)
+    assert shared.livs[2].features["C"].proj.weight is shared.livs[0].features["C"].proj.weight
+    featurizer = sum(p.numel() for p in plain.livs[2].features.parameters())
+    assert star.param_counts(plain)[0] - star.param_counts(shared)[0] == featurizer
+
+
+def test_kv_sharing_genome_has_exactly_less_cache():
+    plain_genome = gn.baseline("transformer++", 4)
+    kv_genome = plain_genome.copy()
+    kv_genome[0, 3:5] = [1, 2]
+    kv_genome[2, 3:5] = [1, 2]  # the second SA-1 reads the first's K/V
+    plain, kv = star.build_model(plain_genome, TINY), star.build_model(kv_genome, TINY)
+    cfg = plain.livs[2].cfg
+    kv_bytes = 2 * cfg.kv_heads * 32 * cfg.head_dim * 2  # K and V, bf16, one sequence of 32
+    assert star.cache_bytes(plain, 32) - star.cache_bytes(kv, 32) == kv_bytes
+
+
+def test_model_is_causal():
+    model = star.build_model(all_classes_genome(True), TINY)
+    x = torch.randint(0, 256, (2, 20))
+    x2 = x.clone()
+    x2[:, 12:] = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0][:, :12], model(x2)[0][:, :12], atol=1e-5)
+
+
+def test_generate_with_caches_equals_greedy_full_forward():
+    torch.manual_seed(0)
+    model = star.build_model(all_classes_genome(True), TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # break ties: greedy decoding needs distinct logits
+    prompt = torch.randint(0, 256, (2, 5))
+    fast = star.generate(model, prompt, 12, greedy=True)
+    slow = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            slow = torch.cat([slow, model(slow)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast, slow)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return star.Corpus()
+
+
+def test_training_lowers_validation_perplexity(corpus):
+    torch.manual_seed(0)
+    untrained = star.build_model(gn.baseline("striped-mamba", 4), TINY)
+    before = star.evaluate(untrained, corpus, TINY, torch.device("cpu"))
+    preset = dataclasses.replace(TINY, steps=40, warmup=4)
+    result = star.train_candidate(gn.baseline("striped-mamba", 4), corpus, preset, "cpu")
+    assert result["status"] == "ok"
+    assert result["ppl"] < 0.5 * before  # untrained: ~256 (uniform over bytes)
+    assert set(result) >= {"ppl", "params", "cache_bytes", "train_seconds", "tokens_per_second", "status"}
+
+
+def test_nan_candidate_fails_without_raising(corpus, monkeypatch):
+    original = star.build_model
+
+    def poisoned(*args, **kwargs):
+        model = original(*args, **kwargs)
+        model.livs[1].register_forward_hook(lambda m, i, out: (out[0] * float("nan"), out[1]))
+        return model
+
+    monkeypatch.setattr(star, "build_model", poisoned)
+    result = star.train_candidate(gn.baseline("transformer++", 4), corpus, TINY, "cpu")
+    assert result["status"] == "failed" and "nan" in result["error"].lower()
+
+
+def test_out_of_memory_fails_without_raising(corpus, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    monkeypatch.setattr(star, "build_model", oom)
+    result = star.train_candidate(gn.baseline("transformer++", 4), corpus, TINY, "cpu")
+    assert result["status"] == "failed" and result["error"].startswith("out of memory")
+
+
+def test_corpus_files(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"hello world\n" * 500)
+    c = star.Corpus(str(text))
+    assert c.vocab_size == 256 and len(c.train) + len(c.val) == 6000
+    tokens = tmp_path / "t.bin"
+    np.arange(5000, dtype=np.uint16).__mod__(1000).astype(np.uint16).tofile(tokens)
+    c = star.Corpus(str(tokens), vocab_size=1000)
+    assert c.train[:3].tolist() == [0, 1, 2] and len(c.val) == 500
+    with pytest.raises(ValueError, match="vocab"):
+        star.Corpus(str(tokens))
+    empty = tmp_path / "e.txt"
+    empty.write_bytes(b"")
+    for bad in (str(empty), str(tmp_path / "missing.txt")):
+        with pytest.raises(ValueError):
+            star.Corpus(bad)
+    x1, _ = next(c.batches("train", 1, 2, 16, 0, torch.device("cpu")))
+    x2, _ = next(c.batches("train", 1, 2, 16, 0, torch.device("cpu")))
+    assert torch.equal(x1, x2)  # the same data for every candidate
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_star_cli_train_show_sample(tmp_path):
+    ckpt = str(tmp_path / "m.pt")
+    out = run_cli("star.py", "train", "--baseline", "transformer++", "--steps", "6", "--n-livs", "2",
+                  "--eval-batches", "1", "--save", ckpt)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "ok" and result["params"] > 0
+    genome_file = tmp_path / "g.json"
+    genome_file.write_text(gn.to_json(all_classes_genome(True)))
+    out = run_cli("star.py", "show", "--genome", str(genome_file))
+    assert out.returncode == 0 and "Rec-1-Diff" in out.stdout and "total:" in out.stdout
+    out = run_cli("star.py", "sample", "--checkpoint", ckpt, "--prompt", "ROMEO:", "--tokens", "20")
+    assert out.returncode == 0 and out.stdout.startswith("ROMEO:")
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--baseline", "gpt5"],
+    ["train", "--genome", "1.2.3"],
+    ["train", "--genome", "missing.json"],
+    ["train", "--baseline", "transformer++", "--data", "nowhere.txt"],
+    ["train", "--baseline", "transformer++", "--preset", "huge"],
+    ["show", "--genome", "99.1.1.1.1"],
+    ["sample", "--checkpoint", "missing.pt"],
+])
+def test_star_cli_bad_input_is_one_line(args, tmp_path):
+    out = run_cli("star.py", *args)
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:")
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = run_cli("star.py", "sample", "--checkpoint", str(bad))
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
