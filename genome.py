@@ -245,7 +245,8 @@ def summary(genome):
     labels = [liv_label(g, i) for i in range(len(g))]
     for period in range(1, len(labels) + 1):
         if len(labels) % period == 0 and labels == labels[:period] * (len(labels) // period):
-            return " ".join(labels[:period]) + f" | x{len(labels) // period}"
+            repeats = len(labels) // period
+            return " ".join(labels[:period]) + (f" | x{repeats}" if repeats > 1 else "")
 
 
 # ---------------------------------------------------------------------------------------------
