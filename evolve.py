@@ -156,13 +156,14 @@ class Run:
 
     @property
     def results(self):
-        return {e["compact"]: e for e in self.evaluations}
+        """Evaluations by model key: genomes that compile to the same model share one result."""
+        return {e["key"]: e for e in self.evaluations}
 
     def objectives(self, compacts):
         keys, results = OBJECTIVES[self.settings["objective"]], self.results
         rows = []
         for c in compacts:
-            r = results[c]
+            r = results[model_key(c)]
             rows.append([r[k] if r["status"] == "ok" and r.get(k) is not None else FAILED for k in keys])
         return np.array(rows, dtype=float)
 
@@ -191,6 +192,10 @@ class Run:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
         return run
+
+
+def model_key(compact):
+    return gn.to_compact(gn.canonical(gn.from_compact(compact)))
 
 
 def atomic_write(path, text):
@@ -237,17 +242,17 @@ def evaluate_batch(run, evaluate, log):
     done = run.results
     for i, compact in enumerate(run.batch):
         tag = f"gen {run.generation:2d} cand {i + 1:2d}/{len(run.batch)}"
-        if compact in done:
-            r = done[compact]
-            log(f"{tag}  {compact}  reused: ppl {r['ppl']:.3f}")
+        key = model_key(compact)
+        if key in done:
+            log(f"{tag}  {compact}  reused (same model as {done[key]['compact']}): ppl {done[key]['ppl']:.3f}")
             continue
         t0 = time.time()
         result = evaluate(gn.from_compact(compact))
         seconds = time.time() - t0
         entry = {"generation": run.generation, "genome": gn.from_compact(compact).tolist(), "compact": compact,
-                 "summary": gn.summary(gn.from_compact(compact)), "seconds": round(seconds, 2), **result}
+                 "key": key, "summary": gn.summary(gn.from_compact(compact)), "seconds": round(seconds, 2), **result}
         run.evaluations.append(entry)
-        done[compact] = entry
+        done[key] = entry
         run.save()
         with open(os.path.join(run.out, "evaluations.jsonl"), "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -321,8 +326,8 @@ def final_table(run):
         return sorted(ok, key=lambda e: e["ppl"])[:10]
     results = run.results
     F = run.objectives(run.population)
-    front = [run.population[i] for i in non_dominated_sort(F)[0]]
-    return sorted({c: results[c] for c in front if results[c]["status"] == "ok"}.values(), key=lambda e: e["ppl"])
+    front = [results[model_key(run.population[i])] for i in non_dominated_sort(F)[0]]
+    return sorted({e["key"]: e for e in front if e["status"] == "ok"}.values(), key=lambda e: e["ppl"])
 
 
 def motif_counts(compacts):

@@ -126,6 +126,18 @@ def repair(genome):
     return g
 
 
+def canonical(genome):
+    """The genome without sharing that has no effect: a leader without followers shares nothing.
+    Genomes with the same canonical form compile to the same model (the search trains it once)."""
+    g = repair(genome)
+    for group, strategy, _, _ in _SHARING:
+        for i in range(len(g)):
+            followers = (g[:, group] == i + 1) & (g[:, strategy] > 1)
+            if g[i, strategy] > 1 and followers.sum() == 1:  # only itself
+                g[i, strategy] = 1
+    return g
+
+
 def validate(genome):
     """The problems of a genome, in words; [] for a valid one."""
     try:

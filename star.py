@@ -9,6 +9,7 @@ wrapper around the evolved backbone: embedding, x = x + LIV(RMSNorm(x)) per LIV,
 LM head tied to the embedding.
 """
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -77,7 +78,7 @@ class Model(nn.Module):
         self.norms = nn.ModuleList(nn.RMSNorm(width, eps=1e-6) for _ in self.genome)
         self.livs = nn.ModuleList()
         self.feature_leader = []  # per LIV: position of the LIV whose features it reads, or None
-        for i, row in enumerate(self.genome):
+        for i, row in enumerate(self.genome.tolist()):  # python ints: torch.compile guards on them
             cls = gn.lookup(row)
             cfg = liv.LIVConfig(mixer=cls.mixer, width=width, heads=heads, diff=cls.diff,
                                 max_len=max_len, chunk=chunk, **cls.featurizer)
@@ -87,6 +88,8 @@ class Model(nn.Module):
             self.livs.append(liv.LIV(cfg, featurizer_from=self.livs[fz_leader] if fz_leader is not None else None,
                                      shared_groups=tuple(gn.FEATURE_SHARING[row[4]]) if ft_leader is not None else ()))
         self.norm_f = nn.RMSNorm(width, eps=1e-6)
+        self.labels = [f"liv:{gn.lookup(row).name}" for row in self.genome]  # profiler rows per class
+        self.profiling = False  # bench.py turns on a record_function label per LIV
         self.init_weights()
 
     def init_weights(self):
@@ -103,19 +106,27 @@ class Model(nn.Module):
         when the caches already hold a prefix."""
         x = self.embed(idx)  # (b, l, d)
         features = {}
-        for i, (norm, layer) in enumerate(zip(self.norms, self.livs)):
+        for i, norm in enumerate(self.norms):
             leader = self.feature_leader[i]
             shared = features[leader] if leader is not None else None
-            if caches is not None and caches[i]["pos"] > 0:
-                y, features[i] = layer.step(norm(x), caches[i], shared)
-            else:
-                y, features[i] = layer(norm(x), shared, caches[i] if caches is not None else None)
-            x = x + y  # (b, l, d)
+            label = torch.profiler.record_function(self.labels[i]) if self.profiling else contextlib.nullcontext()
+            with label:
+                x = x + self.run_liv(i, norm(x), shared, caches, features)
         logits = self.norm_f(x) @ self.embed.weight.T  # (b, l, vocab), tied head
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+    def run_liv(self, i, x, shared, caches, features):
+        layer = self.livs[i]
+        if caches is None:
+            y, features[i] = layer(x, shared)
+        elif caches[i]["pos"] > 0:  # the caches hold a prefix: decode one step
+            y, features[i] = layer.step(x, caches[i], shared)
+        else:  # prefill
+            y, features[i] = layer(x, shared, caches[i])
+        return y  # (b, l, d)
 
     def init_caches(self, batch, max_len=None, device=None, dtype=torch.float32):
         return [layer.init_cache(batch, max_len or self.max_len, device, dtype) for layer in self.livs]
@@ -311,15 +322,31 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
 
 
 def maybe_compile(model, preset, log):
-    """torch.compile when the preset asks for it; eager with a printed reason when it cannot."""
-    if not preset.compile:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as e:  # noqa: BLE001
-        if log:
-            log(f"  torch.compile unavailable ({type(e).__name__}: {e}); training eagerly")
-        return model
+    """torch.compile when the preset asks for it, else the model itself."""
+    return CompiledOrEager(model, log) if preset.compile else model
+
+
+class CompiledOrEager:
+    """torch.compile(model), falling back to eager with a printed reason if the first call fails
+    (compilation is lazy: errors surface on the first call, not at torch.compile)."""
+
+    def __init__(self, model, log=None):
+        self.model, self.log, self.checked = model, log, False
+        self.fn = torch.compile(model)
+
+    def __call__(self, *args, **kwargs):
+        if self.checked:
+            return self.fn(*args, **kwargs)
+        try:
+            out = self.fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            reason = str(e).splitlines()[0] if str(e) else ""
+            if self.log:
+                self.log(f"  torch.compile failed ({type(e).__name__}: {reason[:200]}); running eagerly")
+            self.fn = self.model
+            out = self.model(*args, **kwargs)
+        self.checked = True
+        return out
 
 
 def save_checkpoint(path, model, preset, corpus):

@@ -244,6 +244,24 @@ def test_variation_outputs_are_valid_and_compile():
         assert torch.isfinite(logits).all()
 
 
+def test_canonical_genome_compiles_to_the_same_model():
+    rng = np.random.default_rng(5)
+    x = torch.randint(0, 256, (1, 16))
+    changed = 0
+    for _ in range(40):
+        g = gn.random_genome(6, rng)
+        c = gn.canonical(g)
+        changed += not np.array_equal(g, c)
+        assert gn.validate(c) == [] and np.array_equal(gn.canonical(c), c)
+        outputs = []
+        for genome in (g, c):
+            torch.manual_seed(0)
+            with torch.no_grad():
+                outputs.append(star.build_model(genome, TINY)(x)[0])
+        assert torch.equal(outputs[0], outputs[1])
+    assert changed > 10  # lone "leaders" are common in random genomes
+
+
 def test_baselines_at_any_even_depth():
     for name in gn.BASELINES:
         for n in (2, 6, 24):
@@ -424,3 +442,206 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     out = run_cli("star.py", "sample", "--checkpoint", str(bad))
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# evolve.py: NSGA-II and the search
+
+
+import bench  # noqa: E402
+import evolve  # noqa: E402
+
+
+def test_non_dominated_sort_hand_worked():
+    F = np.array([[1, 5], [2, 3], [3, 1], [2, 4], [4, 4], [5, 5]], dtype=float)
+    assert evolve.non_dominated_sort(F) == [[0, 1, 2], [3], [4], [5]]
+    assert evolve.non_dominated_sort(np.array([[1.0], [1.0], [0.5]])) == [[2], [0, 1]]
+
+
+def test_crowding_distance_hand_worked():
+    d = evolve.crowding_distance(np.array([[1, 5], [2, 3], [3, 1]], dtype=float))
+    assert np.isinf(d[0]) and np.isinf(d[2]) and d[1] == pytest.approx(2.0)
+    d = evolve.crowding_distance(np.array([[0, 4], [1, 2], [2, 1], [4, 0]], dtype=float))
+    # f1 gaps: (2-0)/4 and (4-1)/4; f2 gaps: (4-1)/4 and (2-0)/4
+    assert d[1] == pytest.approx(0.5 + 0.75) and d[2] == pytest.approx(0.75 + 0.5)
+
+
+def test_survivors_single_objective_keeps_two_elites_then_children():
+    parents, children = np.array([[1.0], [2.0], [9.0]]), np.array([[5.0], [3.0], [8.0]])
+    assert evolve.survivors(parents, children, 3) == [0, 1, 4]  # elites 1, 2; best child 3
+
+
+def test_nsga2_reaches_the_true_front_of_an_integer_problem():
+    """min (x0, (20 - x0) + 5 (x1 + x2 + x3)), x in {0..20}^4: the front is x1 = x2 = x3 = 0."""
+    rng = np.random.default_rng(0)
+
+    def objectives(pop):
+        return np.array([[x[0], 20 - x[0] + 5 * x[1:].sum()] for x in pop], dtype=float)
+
+    def crossover(a, b, rng):
+        i, j = sorted(rng.choice(5, size=2, replace=False))
+        c1, c2 = a.copy(), b.copy()
+        c1[i:j], c2[i:j] = b[i:j], a[i:j]
+        return c1, c2
+
+    def mutate(x, rng):
+        x = x.copy()
+        hit = rng.random(4) < 0.25
+        x[hit] = rng.integers(0, 21, hit.sum())
+        return x
+
+    pop = [rng.integers(0, 21, 4) for _ in range(24)]
+    for _ in range(60):
+        children = evolve.make_children(pop, objectives(pop), 24, rng, crossover, mutate)
+        keep = evolve.survivors(objectives(pop), objectives(children), 24)
+        pop = [(pop + children)[i] for i in keep]
+    F = objectives(pop)
+    front = F[evolve.non_dominated_sort(F)[0]]
+    assert all(f[0] + f[1] == 20 for f in front)  # every front point is on the true front
+    spread = {f[0] for f in front}
+    assert len(spread) >= 12 and {0, 20} <= spread  # it spreads over the true front, ends included
+
+
+def search_args(out, *extra):
+    return ["--population", "4", "--generations", "2", "--steps", "3", "--n-livs", "2", "--width", "16",
+            "--heads", "2", "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--warmup", "1",
+            "--out", str(out), *extra]
+
+
+def read_evaluations(out):
+    with open(out / "evaluations.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_search_writes_every_output(tmp_path, capsys):
+    evolve.main(search_args(tmp_path))
+    for name in ("evaluations.jsonl", "checkpoint.json", "report.md", "best_genome.json"):
+        assert (tmp_path / name).exists(), name
+    evaluations = read_evaluations(tmp_path)
+    assert len(evaluations) >= 4 and {"generation", "genome", "ppl", "params", "cache_bytes", "status",
+                                      "seconds"} <= set(evaluations[0])
+    report = (tmp_path / "report.md").read_text()
+    assert "baseline transformer++" in report and "baseline striped-mamba" in report and "Motifs" in report
+    best = gn.load(str(tmp_path / "best_genome.json"))
+    assert gn.validate(best) == []
+    assert min(e["ppl"] for e in evaluations if e["status"] == "ok") == pytest.approx(
+        next(e["ppl"] for e in evaluations if e["genome"] == best.tolist()))
+    out = capsys.readouterr().out
+    assert "gen  1 cand" in out and "generation 1 done" in out
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    evolve.main(search_args(tmp_path / "straight"))
+    calls, original = [0], star.train_candidate
+
+    def killed_at_the_sixth(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt  # as if the process were killed mid-candidate
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(star, "train_candidate", killed_at_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        evolve.main(search_args(tmp_path / "killed"))
+    monkeypatch.setattr(star, "train_candidate", original)
+    evolve.main(["--resume", str(tmp_path / "killed")])
+
+    def key(e):
+        return e["compact"], e["generation"], e["ppl"], e["status"]
+
+    straight, resumed = read_evaluations(tmp_path / "straight"), read_evaluations(tmp_path / "killed")
+    assert [key(e) for e in resumed] == [key(e) for e in straight]
+    final = [json.load(open(tmp_path / d / "checkpoint.json"))["population"] for d in ("straight", "killed")]
+    assert final[0] == final[1]
+
+
+def test_failing_candidates_are_logged_and_the_search_goes_on(tmp_path, monkeypatch):
+    original = star.build_model
+
+    def fragile(genome, *args, **kwargs):
+        if any(gn.lookup(row).mixer == "recurrence" for row in gn.as_array(genome)):
+            raise RuntimeError("simulated crash in a recurrence")
+        return original(genome, *args, **kwargs)
+
+    monkeypatch.setattr(star, "build_model", fragile)
+    evolve.main(search_args(tmp_path, "--population", "6", "--seed", "3"))
+    evaluations = read_evaluations(tmp_path)
+    failed = [e for e in evaluations if e["status"] == "failed"]
+    assert failed and all("simulated crash" in e["error"] for e in failed)
+    assert any(e["status"] == "ok" for e in evaluations)
+    assert "Failed candidates" in (tmp_path / "report.md").read_text()
+
+
+def test_quality_latency_objective_measures_latency(tmp_path):
+    evolve.main(search_args(tmp_path, "--objective", "quality-latency", "--generations", "1", "--population", "2"))
+    evaluations = read_evaluations(tmp_path)
+    assert all(e["latency_ms"] > 0 for e in evaluations if e["status"] == "ok")
+    assert "latency_ms = prefill" in (tmp_path / "report.md").read_text()
+
+
+def test_evolve_bad_input_is_one_line(tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.json").write_text("{not json")
+    cases = [["--objective", "speed"], ["--population", "1"], ["--data", str(tmp_path / "none.txt")],
+             ["--resume", str(tmp_path / "nothing")], ["--resume", str(corrupt)]]
+    for args in cases:
+        out = run_cli("evolve.py", *args)
+        assert out.returncode == 1, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
+
+
+def test_resume_with_conflicting_settings_is_refused(tmp_path):
+    evolve.main(search_args(tmp_path, "--generations", "1", "--population", "2"))
+    out = run_cli("evolve.py", "--resume", str(tmp_path), "--population", "8")
+    assert out.returncode == 1 and "conflicts" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py
+
+
+SMALL = ["--width", "32", "--heads", "4", "--n-livs", "4", "--reps", "2", "--warmup", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("source", [["--baseline", "striped-mamba"], ["--genome", gn.to_compact(all_classes_genome(True))]])
+def test_bench_latency_table_has_one_row_per_class(source, tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    bench.main(["latency", *source, *SMALL, "--prompt-len", "16", "--decode-tokens", "4", "--trace", str(trace)])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    g = gn.from_compact(result["genome"])
+    assert set(result["per_class_ms"]) == {gn.lookup(row).name for row in g}
+    assert "prefill" in out and "per token" in out
+    assert json.loads(trace.read_text())["traceEvents"]  # Chrome's trace format is JSON
+
+
+@pytest.mark.parametrize("source", [["--baseline", "transformer++"], ["--genome", gn.to_compact(all_classes_genome())]])
+def test_bench_train_reports_throughput_and_flops(source, capsys):
+    bench.main(["train", *source, *SMALL, "--batch", "2", "--seq-len", "32"])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "unknown card" in out and "training FLOPs per token" in out
+
+
+def test_flop_count_matches_the_standard_formula():
+    preset = dataclasses.replace(star.PRESETS["tiny"], width=768, heads=12, n_livs=24, seq_len=1024)
+    model = star.build_model(gn.baseline("transformer++", 24), preset, vocab_size=50304)
+    n = sum(p.numel() for p in model.parameters())
+    standard = 6 * n + 12 * 12 * 768 * 1024  # 6N + 12 * layers * d * T (nanoGPT's estimate_mfu)
+    assert abs(bench.training_flops_per_token(model, 1024) - standard) / standard < 0.01
+
+
+def test_bench_ops_compares_every_class_with_sdpa(capsys):
+    bench.main(["ops", "--width", "32", "--heads", "4", "--batch", "1", "--seq-len", "64", "--reps", "1",
+                "--warmup", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert all(f"\n{name} " in out for name in CLASS_NAMES) and "extrapolated" in out
+
+
+def test_every_class_traces_without_graph_breaks():
+    """torch.compile sees the whole training forward of all 17 classes as one graph."""
+    import torch._dynamo
+    model = star.build_model(all_classes_genome(True), TINY)
+    x = torch.randint(0, 256, (2, 32))
+    explanation = torch._dynamo.explain(model)(x, x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

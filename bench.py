@@ -1,0 +1,387 @@
+"""Latency and throughput of STAR architectures (paper section 5: latency is measured, not estimated).
+
+    python bench.py latency (--genome G | --baseline NAME) [--prompt-len 512 --decode-tokens 64] [--trace t.json]
+    python bench.py train   (--genome G | --baseline NAME) [--batch 8 --seq-len 1024] [--compile]
+    python bench.py ops     [--batch 8 --seq-len 2048 --width 768]
+    python bench.py suite   # the one-call GPU script: ops, train, latency and a short search
+
+Times are medians over repetitions after warm-up: CUDA events on a GPU, time.perf_counter with
+synchronisation elsewhere. The per-LIV-class tables come from one extra pass under
+torch.profiler with a record_function label per LIV (timed separately: the profiler's own
+overhead would distort the medians).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+import genome as gn
+import liv
+import star
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, reps=10, warmup=3, setup=None):
+    """Median wall time of fn() in milliseconds; setup() runs untimed before each repetition."""
+    times = []
+    for i in range(warmup + reps):
+        state = setup() if setup else None
+        sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(state)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn(state)
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    return statistics.median(times)
+
+
+def compiled(fn, use_compile, name):
+    """torch.compile(fn) when asked; the eager fn with a printed reason if compiling fails."""
+    if not use_compile:
+        return fn
+    return star.CompiledOrEager(fn, log=lambda s: print(f"{name}:{s}"))
+
+
+def class_table(prof, device):
+    """Rows of (class, calls, total ms) for the 'liv:<class>' labels of a profile."""
+    rows = []
+    for event in prof.key_averages():
+        if event.key.startswith("liv:"):
+            if device.type == "cuda":
+                us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            else:
+                us = event.cpu_time_total
+            rows.append((event.key[4:], event.count, us / 1e3))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def print_class_table(rows, what):
+    total = sum(r[2] for r in rows) or 1.0
+    print(f"\ntime per LIV class ({what}, one profiled pass)\n{'class':<14}{'calls':>7}{'ms':>10}{'share':>8}")
+    for name, calls, ms in rows:
+        print(f"{name:<14}{calls:>7}{ms:>10.3f}{100 * ms / total:>7.1f}%")
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs (per token, training = 3x forward: forward, and backward's two matmuls per weight)
+
+
+def liv_forward_flops(layer, seq_len):
+    """Forward FLOPs per token of one LIV: 2 per weight it uses (shared weights count each time
+    they are used), plus the token-mixing term of its class."""
+    c = layer.cfg
+    flops = 2 * sum(p.numel() for p in layer.parameters())
+    for _ in layer.mixers:
+        if c.mixer == "attention":  # q k^T and (softmax) v over the whole context, as in 6N + 12LdT
+            flops += 4 * seq_len * c.width
+        elif c.mixer == "recurrence":  # chunked scan: intra-chunk matmuls + chunk states in and out
+            t = min(c.chunk, seq_len)
+            flops += c.heads * (2 * t * c.state + 2 * t * c.head_dim + 4 * c.state * c.head_dim)
+        elif c.mixer == "long_conv":  # three real FFTs of length 2L (2.5 N log2 N each) and a product
+            flops += c.width * (3 * 2.5 * 2 * math.log2(2 * seq_len) + 6)
+    return flops
+
+
+def training_flops_per_token(model, seq_len):
+    """6N-style count: 3 x (forward FLOPs of every LIV + the tied LM head)."""
+    head = 2 * model.embed.weight.numel()
+    return 3 * (head + sum(liv_forward_flops(layer, seq_len) for layer in model.livs))
+
+
+def flops_by_class(model, seq_len):
+    out = {}
+    for label, layer in zip(model.labels, model.livs):
+        out[label[4:]] = out.get(label[4:], 0) + 3 * liv_forward_flops(layer, seq_len)
+    return out
+
+
+def peak_tflops(device, override=None):
+    """The card's dense bf16 peak from a small table, or None when the card is unknown."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def make_model(args, device):
+    preset = dataclasses.replace(star.PRESETS["tiny"], width=args.width, heads=args.heads, n_livs=args.n_livs,
+                                 seq_len=args.max_len, chunk=args.chunk)
+    g = star.genome_from_args(args, args.n_livs)
+    torch.manual_seed(0)
+    return star.build_model(g, preset, args.vocab_size).to(device)
+
+
+def latency(args):
+    """Prefill latency for a prompt and per-token decode latency with the LIVs' caches."""
+    device = torch.device(args.device)
+    model = make_model(args, device).to(dtype_of(args)).eval()
+    result = measure_latency(model, args.batch, args.prompt_len, args.decode_tokens, device, args.compile,
+                             reps=args.reps, trace=args.trace)
+    print(json.dumps({"genome": gn.to_compact(model.genome), **result}))
+
+
+def measure_latency(model, batch, prompt_len, decode_tokens, device, use_compile=False, reps=10, trace=None,
+                    show=True):
+    dtype = next(model.parameters()).dtype
+    prompt = torch.randint(0, model.embed.num_embeddings, (batch, prompt_len), device=device)
+    token = prompt[:, -1:]
+    forward = compiled(model, use_compile, "latency")
+    max_len = prompt_len + decode_tokens + 1
+
+    def fresh():
+        return model.init_caches(batch, max_len, device, dtype)
+
+    def prefilled():
+        caches = fresh()
+        forward(prompt, caches=caches)
+        return caches
+
+    def decode(caches):
+        for _ in range(decode_tokens):
+            forward(token, caches=caches)
+
+    with torch.no_grad():
+        prefill_ms = median_ms(lambda c: forward(prompt, caches=c), device, reps, setup=fresh)
+        decode_ms = median_ms(decode, device, reps, setup=prefilled) / decode_tokens
+        model.profiling = True
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                               if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            decode(prefilled())
+            sync(device)
+        model.profiling = False
+    rows = class_table(prof, device)
+    if show:
+        print(f"prefill {batch} x {prompt_len} tokens: {prefill_ms:.3f} ms;  decode: {decode_ms:.3f} ms per token "
+              f"({device.type}, {dtype}, median of {reps})")
+        print_class_table(rows, f"prefill + {decode_tokens} decode steps")
+    if trace:
+        prof.export_chrome_trace(trace)
+        if show:
+            print(f"chrome trace: {trace}")
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "batch": batch, "prompt_len": prompt_len,
+            "decode_tokens": decode_tokens, "device": device.type, "per_class_ms": {r[0]: r[2] for r in rows}}
+
+
+SEARCH_LATENCY = {"batch": 1, "prompt_len": 64, "decode_tokens": 16, "reps": 3}
+
+
+def search_latency(genome, preset, vocab_size, device):
+    """The quality-latency objective: prefill of a fixed prompt plus decode of a fixed number of
+    tokens, in milliseconds, on the search's own device (ours: the paper profiles its own stack)."""
+    s, device = SEARCH_LATENCY, torch.device(device)
+    lat_preset = dataclasses.replace(preset, seq_len=max(preset.seq_len, s["prompt_len"] + s["decode_tokens"] + 1))
+    torch.manual_seed(0)
+    model = star.build_model(genome, lat_preset, vocab_size).to(device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    r = measure_latency(model.eval(), s["batch"], s["prompt_len"], s["decode_tokens"], device, reps=s["reps"],
+                        show=False)
+    return r["prefill_ms"] + s["decode_tokens"] * r["decode_ms_per_token"]
+
+
+def search_latency_note(device):
+    s = SEARCH_LATENCY
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    return (f"latency_ms = prefill of {s['prompt_len']} tokens + {s['decode_tokens']} decode steps, batch "
+            f"{s['batch']}, median of {s['reps']}, on {name} ({'bf16' if device == 'cuda' else 'float32'}).")
+
+
+def train(args):
+    """Training-step throughput, peak memory and model FLOPs utilisation."""
+    device = torch.device(args.device)
+    model = make_model(args, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step_fn = compiled(model, args.compile, "train")
+    x = torch.randint(0, args.vocab_size, (args.batch, args.seq_len), device=device)
+
+    def step(_):
+        with star.autocast(device):
+            _, loss = step_fn(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = median_ms(step, device, args.reps, warmup=args.warmup)
+    tokens_per_s = args.batch * args.seq_len / (ms / 1e3)
+    flops = training_flops_per_token(model, args.seq_len)
+    tflops = flops * tokens_per_s / 1e12
+    peak = peak_tflops(device, args.peak_tflops)
+    memory = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA peak allocated)" if device.type == "cuda"
+              else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)")
+    params = star.param_counts(model)[0]
+    print(f"{gn.summary(model.genome)}: {params:,} parameters, batch {args.batch} x {args.seq_len}")
+    print(f"step {ms:.2f} ms, {tokens_per_s:,.0f} tokens/s, {tflops:.1f} TFLOP/s, peak memory {memory}")
+    print("MFU: " + (f"{100 * tflops / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else
+                     "unknown card: pass --peak-tflops to get MFU"))
+    print(f"\ntraining FLOPs per token by LIV class (total {flops / 1e6:.2f} MFLOP)\n{'class':<14}{'MFLOP':>10}{'share':>8}")
+    for name, f in sorted(flops_by_class(model, args.seq_len).items(), key=lambda kv: -kv[1]):
+        print(f"{name:<14}{f / 1e6:>10.3f}{100 * f / flops:>7.1f}%")
+    return {"step_ms": ms, "tokens_per_second": tokens_per_s, "tflops": tflops, "mfu": tflops / peak if peak else None}
+
+
+def ops(args):
+    """Forward+backward time of every LIV class at one size, as a ratio to SDPA attention (SA-1)."""
+    device = torch.device(args.device)
+    results = {}
+    for cls in gn.CATALOGUE:
+        cfg = liv.LIVConfig(mixer=cls.mixer, width=args.width, heads=args.heads, diff=cls.diff,
+                            max_len=args.seq_len, chunk=args.chunk, **cls.featurizer)
+        layer = liv.LIV(cfg).to(device)
+        x = torch.randn(args.batch, args.seq_len, args.width, device=device, requires_grad=True)
+        fn = compiled(layer, args.compile, cls.name)
+
+        def fwd_bwd(_):
+            with star.autocast(device):
+                y, _ = fn(x)
+            y.float().square().mean().backward()
+
+        results[cls.name] = median_ms(fwd_bwd, device, args.reps, warmup=args.warmup)
+    base = results["SA-1"]
+    print(f"forward+backward, batch {args.batch} x {args.seq_len}, width {args.width}, {args.heads} heads, "
+          f"{device.type}{' compiled' if args.compile else ''}\n{'class':<14}{'ms':>10}{'x SDPA':>8}")
+    for name, ms in results.items():
+        print(f"{name:<14}{ms:>10.3f}{ms / base:>8.2f}")
+    loop_ms, chunk_ms, short = recurrence_vs_loop(args, device)
+    print(f"\nrecurrence: chunked {chunk_ms:.3f} ms at length {args.seq_len}; Python loop {loop_ms:.3f} ms at "
+          f"length {short}, extrapolated x{args.seq_len / short:.0f} = {loop_ms * args.seq_len / short:.1f} ms "
+          f"({loop_ms * args.seq_len / short / chunk_ms:.0f}x the chunked form)")
+    return results
+
+
+def recurrence_vs_loop(args, device):
+    """The chunked recurrence against the naive loop over time (forward only; the loop at a
+    shorter length, extrapolated linearly)."""
+    h, n, k = args.heads, 16, args.width // args.heads
+    short = min(args.seq_len, 256)
+
+    def inputs(length):
+        q, kk = (torch.randn(args.batch, h, length, n, device=device) for _ in range(2))
+        return q, kk, torch.randn(args.batch, h, length, k, device=device), -torch.rand(args.batch, h, length, device=device)
+
+    full, part = inputs(args.seq_len), inputs(short)
+    with torch.no_grad():
+        chunk_ms = median_ms(lambda _: liv.chunked_recurrence(*full, args.chunk), device, args.reps, args.warmup)
+        loop_ms = median_ms(lambda _: liv.recurrence_reference(*part), device, max(1, args.reps // 3), 1)
+    return loop_ms, chunk_ms, short
+
+
+def suite(args):
+    """Issue 6's prepared GPU script: every measurement in one call, at the reference shape."""
+    import subprocess
+    big = ["--width", "768", "--heads", "12", "--n-livs", "24", "--batch", "16", "--seq-len", "1024",
+           "--vocab-size", "50304", "--max-len", "1024"]
+    genome_all = gn.to_compact(gn.repair([[i % 17 + 1, i + 1, 1, i + 1, 1] for i in range(24)]))
+    commands = [
+        ["ops", "--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12"],
+        ["ops", "--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12", "--compile"],
+        ["train", "--baseline", "transformer++", "--compile"] + big,
+        ["train", "--baseline", "transformer++"] + big,
+        ["train", "--baseline", "striped-mamba", "--compile"] + big,
+        ["train", "--genome", genome_all, "--compile"] + big,
+        ["latency", "--baseline", "transformer++", "--width", "768", "--heads", "12", "--n-livs", "24",
+         "--dtype", "bfloat16", "--max-len", "4096"],
+        ["latency", "--baseline", "striped-mamba", "--width", "768", "--heads", "12", "--n-livs", "24",
+         "--dtype", "bfloat16", "--max-len", "4096"],
+    ]
+    for c in commands:
+        print(f"\n$ python bench.py {' '.join(c)}", flush=True)
+        subprocess.run([sys.executable, __file__] + c, check=False)
+    search = [sys.executable, "evolve.py", "--preset", "gpu", "--population", "8", "--generations", "2",
+              "--steps", str(args.search_steps), "--out", args.out]
+    print(f"\n$ {' '.join(search[1:])}", flush=True)
+    subprocess.run(search, check=False)
+
+
+def dtype_of(args):
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.error = lambda message: sys.exit(f"error: {message}")
+    sub = p.add_subparsers(dest="command", required=True)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("latency", "train", "ops", "suite"):
+        s = sub.add_parser(name)
+        s.error = p.error
+        s.add_argument("--device", default=default_device)
+        s.add_argument("--width", type=int, default=768 if name == "ops" else 256)
+        s.add_argument("--heads", type=int, default=12 if name == "ops" else 4)
+        s.add_argument("--chunk", type=int, default=64)
+        s.add_argument("--reps", type=int, default=10)
+        s.add_argument("--warmup", type=int, default=3)
+        s.add_argument("--compile", action="store_true")
+        if name in ("latency", "train"):
+            source = s.add_mutually_exclusive_group(required=True)
+            source.add_argument("--genome")
+            source.add_argument("--baseline")
+            s.add_argument("--n-livs", type=int, default=24)
+            s.add_argument("--vocab-size", type=int, default=256)
+            s.add_argument("--max-len", type=int, default=2048, help="longest sequence (the long filter's length)")
+        if name == "latency":
+            s.add_argument("--batch", type=int, default=1)
+            s.add_argument("--prompt-len", type=int, default=512)
+            s.add_argument("--decode-tokens", type=int, default=64)
+            s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+            s.add_argument("--trace", help="write a Chrome trace (chrome://tracing, Perfetto) of the profiled pass")
+        if name in ("train", "ops"):
+            s.add_argument("--batch", type=int, default=8)
+            s.add_argument("--seq-len", type=int, default=2048 if name == "ops" else 1024)
+        if name == "train":
+            s.add_argument("--peak-tflops", type=float, default=None, help="the card's peak, for MFU")
+        if name == "suite":
+            s.add_argument("--search-steps", type=int, default=200)
+            s.add_argument("--out", default="runs/suite")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda, but CUDA is not available")
+    if args.command == "latency" and args.prompt_len + args.decode_tokens + 1 > args.max_len:
+        args.max_len = args.prompt_len + args.decode_tokens + 1
+    if args.command == "train" and args.seq_len > args.max_len:
+        args.max_len = args.seq_len
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        {"latency": latency, "train": train, "ops": ops, "suite": suite}[args.command](args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
