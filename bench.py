@@ -10,7 +10,6 @@ synchronisation elsewhere. The per-LIV-class tables come from one extra pass und
 torch.profiler with a record_function label per LIV (timed separately: the profiler's own
 overhead would distort the medians).
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -330,13 +329,11 @@ def dtype_of(args):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.error = lambda message: sys.exit(f"error: {message}")
+    p = star.Parser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in ("latency", "train", "ops", "suite"):
         s = sub.add_parser(name)
-        s.error = p.error
         s.add_argument("--device", default=default_device)
         s.add_argument("--width", type=int, default=768 if name == "ops" else 256)
         s.add_argument("--heads", type=int, default=12 if name == "ops" else 4)

@@ -9,7 +9,6 @@ tournament on (rank, crowding), 2-point crossover and per-gene mutation (genome.
 and elitist survival of parents plus children. Each candidate is trained and scored by
 star.train_candidate under the same budget, data order and initialisation seed.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -244,7 +243,8 @@ def evaluate_batch(run, evaluate, log):
         tag = f"gen {run.generation:2d} cand {i + 1:2d}/{len(run.batch)}"
         key = model_key(compact)
         if key in done:
-            log(f"{tag}  {compact}  reused (same model as {done[key]['compact']}): ppl {done[key]['ppl']:.3f}")
+            same = "" if done[key]["compact"] == compact else f" (same model as {done[key]['compact']})"
+            log(f"{tag}  {compact}  reused{same}: ppl {done[key]['ppl']:.3f}")
             continue
         t0 = time.time()
         result = evaluate(gn.from_compact(compact))
@@ -312,7 +312,23 @@ def report_generation(run, log):
     remaining = (run.settings["generations"] - run.generation - 1) * run.settings["population"]
     eta = elapsed / evals * remaining
     log(f"generation {run.generation} done: best ppl {F[:, 0].min():.3f}, front {len(front)}, "
-        f"{elapsed / 60:.1f} min so far, ~{eta / 60:.1f} min left")
+        f"{elapsed / 60:.1f} min so far, ~{eta / 60:.1f} min left{turnover_note(run)}")
+
+
+def turnover(entry):
+    """Seconds of a candidate outside steady-state training steps: building, compiling (the first
+    step), evaluation, bookkeeping -- the time between one candidate's training and the next's."""
+    return entry["seconds"] - (entry["train_seconds"] - entry.get("first_step_seconds", 0.0))
+
+
+def turnover_note(run):
+    ok = [e for e in run.evaluations if e["generation"] == run.generation and e["status"] == "ok"]
+    if not ok:
+        return ""
+    mean_turnover = sum(map(turnover, ok)) / len(ok)
+    mean_train = sum(e["train_seconds"] for e in ok) / len(ok)
+    return (f"; {sum(e['seconds'] for e in ok) / len(ok):.1f} s per candidate, turnover {mean_turnover:.2f} s "
+            f"({100 * mean_turnover / max(mean_train, 1e-9):.1f}% of training)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,6 +451,7 @@ def plot_front(run):
         if b["status"] == "ok":
             ax.scatter([b[x_key]], [b["ppl"]], marker="*", s=120, label=name)
     ax.set_xlabel(x_key), ax.set_ylabel("validation perplexity"), ax.legend()
+    ax.set_title(f"{run.settings['objective']}: candidates coloured by generation", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(run.out, "pareto.png"), dpi=120)
     plt.close(fig)
@@ -444,13 +461,8 @@ def plot_front(run):
 # Command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 1, not argparse's usage block
-        sys.exit(f"error: {message}")
-
-
 def parse_args(argv):
-    p = Parser(description="STAR evolutionary architecture search (NSGA-II over LIV genomes)")
+    p = star.Parser(description="STAR evolutionary architecture search (NSGA-II over LIV genomes)")
     p.add_argument("--objective", default=None, help=f"one of {', '.join(OBJECTIVES)} (default quality)")
     p.add_argument("--population", type=int, default=None)
     p.add_argument("--generations", type=int, default=None, help="generations, the initial one included")

@@ -293,6 +293,10 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             running += loss.detach()  # stays on the device: no host sync per step
+            if step == 0:  # the first step carries compilation and warm-up: counted as turnover
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                result["first_step_seconds"] = time.perf_counter() - start
             if (step + 1) % log_every == 0 or step + 1 == preset.steps:
                 mean = running.item() / log_every  # the only sync, at logging points
                 running.zero_()
@@ -332,6 +336,9 @@ class CompiledOrEager:
 
     def __init__(self, model, log=None):
         self.model, self.log, self.checked = model, log, False
+        # A search compiles one new model per candidate: without a reset, dynamo's cache for the
+        # shared code (Model.forward) fills up and hits its recompile limit, silently going eager.
+        torch._dynamo.reset()
         self.fn = torch.compile(model)
 
     def __call__(self, *args, **kwargs):
@@ -417,8 +424,15 @@ def show(genome, preset, vocab_size=256):
           f"cache {cache_bytes(model, preset.seq_len):,} bytes at {preset.seq_len} tokens")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 1 (not a usage block and code 2)."""
+
+    def error(self, message):
+        sys.exit(f"error: {message}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("train", "show"):
         p = sub.add_parser(name)

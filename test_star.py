@@ -527,7 +527,7 @@ def test_search_writes_every_output(tmp_path, capsys):
     assert min(e["ppl"] for e in evaluations if e["status"] == "ok") == pytest.approx(
         next(e["ppl"] for e in evaluations if e["genome"] == best.tolist()))
     out = capsys.readouterr().out
-    assert "gen  1 cand" in out and "generation 1 done" in out
+    assert "gen  1 cand" in out and "generation 1 done" in out and "turnover" in out
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -604,7 +604,11 @@ def test_resume_with_conflicting_settings_is_refused(tmp_path):
 SMALL = ["--width", "32", "--heads", "4", "--n-livs", "4", "--reps", "2", "--warmup", "1", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("source", [["--baseline", "striped-mamba"], ["--genome", gn.to_compact(all_classes_genome(True))]])
+RANDOM_GENOME = gn.to_compact(gn.random_genome(6, np.random.default_rng(7)))
+
+
+@pytest.mark.parametrize("source", [["--baseline", "striped-mamba"], ["--genome", RANDOM_GENOME],
+                                    ["--genome", gn.to_compact(all_classes_genome(True))]])
 def test_bench_latency_table_has_one_row_per_class(source, tmp_path, capsys):
     trace = tmp_path / "trace.json"
     bench.main(["latency", *source, *SMALL, "--prompt-len", "16", "--decode-tokens", "4", "--trace", str(trace)])
@@ -616,11 +620,18 @@ def test_bench_latency_table_has_one_row_per_class(source, tmp_path, capsys):
     assert json.loads(trace.read_text())["traceEvents"]  # Chrome's trace format is JSON
 
 
-@pytest.mark.parametrize("source", [["--baseline", "transformer++"], ["--genome", gn.to_compact(all_classes_genome())]])
+@pytest.mark.parametrize("source", [["--baseline", "transformer++"], ["--genome", RANDOM_GENOME]])
 def test_bench_train_reports_throughput_and_flops(source, capsys):
     bench.main(["train", *source, *SMALL, "--batch", "2", "--seq-len", "32"])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "unknown card" in out and "training FLOPs per token" in out
+
+
+def test_bench_train_compiles(capsys):
+    bench.main(["train", "--baseline", "transformer++", "--compile", *SMALL, "--n-livs", "2", "--batch", "2",
+                "--seq-len", "32"])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "torch.compile failed" not in out
 
 
 def test_flop_count_matches_the_standard_formula():
@@ -645,3 +656,11 @@ def test_every_class_traces_without_graph_breaks():
     x = torch.randint(0, 256, (2, 32))
     explanation = torch._dynamo.explain(model)(x, x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_every_class_compiles(capsys):
+    """bench.py ops --compile: inductor compiles each class's forward+backward (no eager fallback)."""
+    bench.main(["ops", "--compile", "--width", "32", "--heads", "4", "--batch", "1", "--seq-len", "64", "--reps", "1",
+                "--warmup", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "torch.compile failed" not in out and all(f"\n{name} " in out for name in CLASS_NAMES)
