@@ -551,7 +551,10 @@ def main(argv=None):
     log(f"STAR search: objective {s['objective']}, preset {s['preset_name']}, population {s['population']}, "
         f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {device}; writing to {run.out}")
     run.save()
-    search(run, evaluate, log)
+    try:
+        search(run, evaluate, log)
+    except KeyboardInterrupt:  # everything finished is in the checkpoint already
+        sys.exit(f"interrupted: continue with python evolve.py --resume {run.out}")
     write_outputs(run, log)
 
 

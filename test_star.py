@@ -541,7 +541,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(star, "train_candidate", killed_at_the_sixth)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="--resume"):
         evolve.main(search_args(tmp_path / "killed"))
     monkeypatch.setattr(star, "train_candidate", original)
     evolve.main(["--resume", str(tmp_path / "killed")])
