@@ -396,9 +396,13 @@ def fft_conv(z, k):
     z (b, l, d), k (d, l). Computed in float32 (bf16 FFTs lose too much precision).
     """
     l = z.size(1)
-    zf = torch.fft.rfft(z.float().transpose(1, 2), n=2 * l)  # (b, d, l+1)
-    kf = torch.fft.rfft(k.float(), n=2 * l)  # (d, l+1)
-    return torch.fft.irfft(zf * kf, n=2 * l)[..., :l].transpose(1, 2).to(z.dtype)  # (b, l, d)
+    zf = torch.view_as_real(torch.fft.rfft(z.float().transpose(1, 2), n=2 * l))  # (b, d, l+1, 2)
+    kf = torch.view_as_real(torch.fft.rfft(k.float(), n=2 * l))  # (d, l+1, 2)
+    # the complex product in real arithmetic: inductor generates no code for complex tensors
+    re = zf[..., 0] * kf[..., 0] - zf[..., 1] * kf[..., 1]
+    im = zf[..., 0] * kf[..., 1] + zf[..., 1] * kf[..., 0]
+    yf = torch.view_as_complex(torch.stack([re, im], -1))  # (b, d, l+1)
+    return torch.fft.irfft(yf, n=2 * l)[..., :l].transpose(1, 2).to(z.dtype)  # (b, l, d)
 
 
 def conv_reference(z, k):
