@@ -664,3 +664,29 @@ def test_every_class_compiles(capsys):
                 "--warmup", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "torch.compile failed" not in out and all(f"\n{name} " in out for name in CLASS_NAMES)
+
+
+def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """A real kill -9 of the search process, at whatever point it has reached after 3 candidates."""
+    import signal
+    import time
+    args = search_args(tmp_path / "killed", "--steps", "40")
+    proc = subprocess.Popen([sys.executable, "evolve.py", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed" / "evaluations.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the search ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run_cli("evolve.py", "--resume", str(tmp_path / "killed"))
+    assert out.returncode == 0, out.stderr
+    evolve.main(search_args(tmp_path / "straight", "--steps", "40"))
+
+    def key(e):
+        return e["compact"], e["generation"], e["ppl"], e["status"]
+
+    assert [key(e) for e in read_evaluations(tmp_path / "killed")] == \
+        [key(e) for e in read_evaluations(tmp_path / "straight")]
