@@ -529,7 +529,7 @@ class LIV(nn.Module):
             if sub is not None and "pos" in cache:
                 sub["pos"] = cache["pos"]
             fi, s = self.copy_features(f, i), set(self.shared_groups)
-            if i == 1 and "V" in exposed:  # the second copy reuses the first's (cached) values
+            if i == 1:  # the differential copy reads the first copy's values (for attention: its V cache)
                 fi["V"], s = exposed["V"], s | {"V"}
             y, out = mixer.step(fi, s, sub) if step else mixer(fi, s, sub)
             ys.append(y)
