@@ -227,6 +227,10 @@ class Evaluator:
         return result
 
 
+def fmt_result(r):
+    return f"ppl {r['ppl']:.3f}" if r["status"] == "ok" else f"FAILED ({r.get('error')})"
+
+
 def fmt_count(n):
     if n is None:
         return "-"
@@ -244,7 +248,7 @@ def evaluate_batch(run, evaluate, log):
         key = model_key(compact)
         if key in done:
             same = "" if done[key]["compact"] == compact else f" (same model as {done[key]['compact']})"
-            log(f"{tag}  {compact}  reused{same}: ppl {done[key]['ppl']:.3f}")
+            log(f"{tag}  {compact}  reused{same}: {fmt_result(done[key])}")
             continue
         t0 = time.time()
         result = evaluate(gn.from_compact(compact))
@@ -256,9 +260,8 @@ def evaluate_batch(run, evaluate, log):
         run.save()
         with open(os.path.join(run.out, "evaluations.jsonl"), "a") as f:
             f.write(json.dumps(entry) + "\n")
-        status = f"ppl {result['ppl']:.3f}" if result["status"] == "ok" else f"FAILED ({result.get('error')})"
         latency = f"  latency {result['latency_ms']:.2f} ms" if "latency_ms" in result else ""
-        log(f"{tag}  {compact}  {status}  params {fmt_count(result['params'])}  "
+        log(f"{tag}  {compact}  {fmt_result(result)}  params {fmt_count(result['params'])}  "
             f"cache {fmt_count(result['cache_bytes'])}B{latency}  {seconds:.1f}s")
 
 
@@ -273,7 +276,7 @@ def run_baselines(run, evaluate, log):
         run.baselines[name] = {"genome": g.tolist(), "compact": gn.to_compact(g), "summary": gn.summary(g),
                                "seconds": round(time.time() - t0, 2), **result}
         run.save()
-        log(f"baseline {name:14s} ppl {result['ppl']:.3f}  params {fmt_count(result['params'])}  "
+        log(f"baseline {name:14s} {fmt_result(result)}  params {fmt_count(result['params'])}  "
             f"cache {fmt_count(result['cache_bytes'])}B  {time.time() - t0:.1f}s")
 
 

@@ -270,7 +270,7 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
     """Train one architecture and score it. Never raises for a bad candidate: a NaN/inf loss, an
     out-of-memory error or any exception gives status 'failed' with the error."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result = {"status": "failed", "ppl": float("inf"), "params": None, "cache_bytes": None,
+    result = {"status": "failed", "ppl": None, "params": None, "cache_bytes": None,
               "train_seconds": 0.0, "tokens_per_second": 0.0}
     model = None
     try:

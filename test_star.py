@@ -508,9 +508,14 @@ def search_args(out, *extra):
             "--out", str(out), *extra]
 
 
+def strict_json(text):
+    """json.loads that refuses NaN/Infinity, which are not JSON (jq and browsers reject them)."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
 def read_evaluations(out):
     with open(out / "evaluations.jsonl") as f:
-        return [json.loads(line) for line in f]
+        return [strict_json(line) for line in f]
 
 
 def test_search_writes_every_output(tmp_path, capsys):
@@ -570,6 +575,7 @@ def test_failing_candidates_are_logged_and_the_search_goes_on(tmp_path, monkeypa
     assert failed and all("simulated crash" in e["error"] for e in failed)
     assert any(e["status"] == "ok" for e in evaluations)
     assert "Failed candidates" in (tmp_path / "report.md").read_text()
+    strict_json((tmp_path / "checkpoint.json").read_text())
 
 
 def test_quality_latency_objective_measures_latency(tmp_path):
