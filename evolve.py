@@ -285,26 +285,27 @@ def search(run, evaluate, log=print):
     s = run.settings
     P, G = s["population"], s["generations"]
     run_baselines(run, evaluate, log)
-    if run.generation == 0 and not run.batch:
+    if not run.population and not run.batch:
         run.batch = [gn.to_compact(gn.random_genome(s["preset"]["n_livs"], run.rng)) for _ in range(P)]
         run.save()
     while True:
-        evaluate_batch(run, evaluate, log)
-        if run.generation == 0:
-            run.population = list(run.batch)
-        else:
-            keep = survivors(run.objectives(run.population), run.objectives(run.batch), P)
-            union = run.population + run.batch
-            run.population = [union[i] for i in keep]
-        report_generation(run, log)
+        if run.batch:  # a generation to finish (on resume: part of it may be done)
+            evaluate_batch(run, evaluate, log)
+            if run.generation == 0:
+                run.population = list(run.batch)
+            else:
+                keep = survivors(run.objectives(run.population), run.objectives(run.batch), P)
+                union = run.population + run.batch
+                run.population = [union[i] for i in keep]
+            run.batch = []
+            run.save()
+            report_generation(run, log)
         if run.generation + 1 >= G:
-            break
+            return
         children = make_children([gn.from_compact(c) for c in run.population], run.objectives(run.population),
                                  P, run.rng, gn.crossover, lambda g, rng: gn.mutate(g, rng, s["mutation"]))
         run.generation, run.batch = run.generation + 1, [gn.to_compact(c) for c in children]
         run.save()
-    run.batch = []
-    run.save()
 
 
 def report_generation(run, log):

@@ -560,6 +560,17 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     assert final[0] == final[1]
 
 
+def test_resume_a_finished_run_to_extend_it(tmp_path):
+    evolve.main(search_args(tmp_path, "--generations", "1"))
+    assert len(read_evaluations(tmp_path)) <= 4
+    evolve.main(["--resume", str(tmp_path)])  # finished: nothing to do but the outputs
+    first = read_evaluations(tmp_path)
+    evolve.main(["--resume", str(tmp_path), "--generations", "2"])  # one generation more
+    extended = read_evaluations(tmp_path)
+    assert extended[: len(first)] == first and {e["generation"] for e in extended} == {0, 1}
+    assert json.load(open(tmp_path / "checkpoint.json"))["generation"] == 1
+
+
 def test_failing_candidates_are_logged_and_the_search_goes_on(tmp_path, monkeypatch):
     original = star.build_model
 
