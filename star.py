@@ -465,10 +465,16 @@ def run(args):
         model, preset = load_checkpoint(args.checkpoint)
         if args.tokens < 1:
             raise ValueError("--tokens must be at least 1")
-        if model.embed.num_embeddings == 256:
+        vocab = model.embed.num_embeddings
+        if vocab == 256:
             prompt = list(args.prompt.encode("utf-8"))
-        else:
-            prompt = [int(t) for t in args.prompt.split()]
+        else:  # a token model: the prompt is token ids
+            try:
+                prompt = [int(t) for t in args.prompt.split()]
+            except ValueError:
+                prompt = [-1]
+            if not prompt or not all(0 <= t < vocab for t in prompt):
+                raise ValueError(f"this model reads tokens: --prompt is space-separated ids below {vocab}")
         idx = torch.tensor([prompt])
         if idx.size(1) + args.tokens > preset.seq_len and any(l.cfg.mixer == "long_conv" for l in model.livs):
             raise ValueError(f"prompt + tokens exceed the model's long-filter length {preset.seq_len}")
