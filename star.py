@@ -475,6 +475,8 @@ def run(args):
                 prompt = [-1]
             if not prompt or not all(0 <= t < vocab for t in prompt):
                 raise ValueError(f"this model reads tokens: --prompt is space-separated ids below {vocab}")
+        if not prompt:
+            raise ValueError("--prompt is empty")
         idx = torch.tensor([prompt])
         if idx.size(1) + args.tokens > preset.seq_len and any(l.cfg.mixer == "long_conv" for l in model.livs):
             raise ValueError(f"prompt + tokens exceed the model's long-filter length {preset.seq_len}")
