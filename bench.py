@@ -3,7 +3,7 @@
     python bench.py latency (--genome G | --baseline NAME) [--prompt-len 512 --decode-tokens 64] [--trace t.json]
     python bench.py train   (--genome G | --baseline NAME) [--batch 8 --seq-len 1024] [--compile]
     python bench.py ops     [--batch 8 --seq-len 2048 --width 768]
-    python bench.py suite   # the one-call GPU script: ops, train, latency and a short search
+    python bench.py suite [--only ops,train,latency,search] [--smoke]   # issue 6's GPU script
 
 Times are medians over repetitions after warm-up: CUDA events on a GPU, time.perf_counter with
 synchronisation elsewhere. The per-LIV-class tables come from one extra pass under
@@ -297,31 +297,60 @@ def recurrence_vs_loop(args, device):
     return loop_ms, chunk_ms, short
 
 
-def suite(args):
-    """Issue 6's prepared GPU script: every measurement in one call, at the reference shape."""
-    import subprocess
-    big = ["--width", "768", "--heads", "12", "--n-livs", "24", "--batch", "16", "--seq-len", "1024",
-           "--vocab-size", "50304", "--max-len", "1024"]
-    genome_all = gn.to_compact(gn.repair([[i % 17 + 1, i + 1, 1, i + 1, 1] for i in range(24)]))
-    commands = [
-        ["ops", "--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12"],
-        ["ops", "--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12", "--compile"],
-        ["train", "--baseline", "transformer++", "--compile"] + big,
-        ["train", "--baseline", "transformer++"] + big,
-        ["train", "--baseline", "striped-mamba", "--compile"] + big,
-        ["train", "--genome", genome_all, "--compile"] + big,
-        ["latency", "--baseline", "transformer++", "--width", "768", "--heads", "12", "--n-livs", "24",
-         "--dtype", "bfloat16", "--max-len", "4096"],
-        ["latency", "--baseline", "striped-mamba", "--width", "768", "--heads", "12", "--n-livs", "24",
-         "--dtype", "bfloat16", "--max-len", "4096"],
+SHAPES = {  # the reference shapes of ANCHORS.md, and a smoke-test size that runs on a CPU in seconds
+    "reference": {"ops": ["--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12"],
+                  "model": ["--width", "768", "--heads", "12", "--n-livs", "24"],
+                  "train": ["--batch", "16", "--seq-len", "1024", "--vocab-size", "50304"],
+                  "search": []},
+    "smoke": {"ops": ["--batch", "1", "--seq-len", "64", "--width", "32", "--heads", "4", "--reps", "1"],
+              "model": ["--width", "32", "--heads", "4", "--n-livs", "4", "--reps", "2"],
+              "train": ["--batch", "2", "--seq-len", "32"],
+              "search": ["--width", "32", "--n-livs", "2", "--seq-len", "64", "--batch-size", "2", "--steps", "10",
+                         "--population", "4", "--eval-batches", "1", "--no-compile", "--device", "cpu"]},
+}
+
+
+def suite_commands(args):
+    """The suite's commands by section: (section, argv) pairs, bench.py's own or evolve.py's."""
+    shape = SHAPES["smoke" if args.smoke else "reference"]
+    model, train_shape = shape["model"], shape["model"] + shape["train"]
+    every_class = gn.to_compact(gn.repair([[i % 17 + 1, i + 1, 1, i + 1, 1] for i in range(17)]))
+    compile_flag = [] if args.smoke else ["--compile"]  # inductor on a CPU takes minutes per model
+    decode = ["--prompt-len", "16", "--decode-tokens", "4"] if args.smoke else ["--dtype", "bfloat16"]
+    bench_py, evolve_py = [sys.executable, __file__], [sys.executable, "evolve.py"]
+    return [
+        ("ops", bench_py + ["ops"] + shape["ops"]),
+        ("ops", bench_py + ["ops"] + shape["ops"] + compile_flag),
+        ("train", bench_py + ["train", "--baseline", "transformer++"] + train_shape + compile_flag),
+        ("train", bench_py + ["train", "--baseline", "transformer++"] + train_shape),
+        ("train", bench_py + ["train", "--baseline", "striped-mamba"] + train_shape + compile_flag),
+        ("train", bench_py + ["train", "--genome", every_class] + train_shape + compile_flag),
+        ("latency", bench_py + ["latency", "--baseline", "transformer++"] + model + decode),
+        ("latency", bench_py + ["latency", "--baseline", "striped-mamba"] + model + decode),
+        ("search", evolve_py + ["--preset", "gpu", "--population", str(args.search_population), "--generations",
+                                "2", "--steps", str(args.search_steps), "--out", args.out] + shape["search"]),
     ]
-    for c in commands:
-        print(f"\n$ python bench.py {' '.join(c)}", flush=True)
-        subprocess.run([sys.executable, __file__] + c, check=False)
-    search = [sys.executable, "evolve.py", "--preset", "gpu", "--population", "8", "--generations", "2",
-              "--steps", str(args.search_steps), "--out", args.out]
-    print(f"\n$ {' '.join(search[1:])}", flush=True)
-    subprocess.run(search, check=False)
+
+
+def suite(args):
+    """Issue 6's prepared GPU script: ops, train, latency and a short search in one call.
+    `--only train,latency` runs some sections (to split it over calls); `--smoke` runs it all at
+    tiny sizes on a CPU, to check the script before spending GPU time on it."""
+    import subprocess
+    sections = set(args.only.split(",")) if args.only else {"ops", "train", "latency", "search"}
+    failures, start, done = 0, time.time(), []
+    for section, argv in suite_commands(args):
+        if section not in sections or argv in done:  # (smoke: the compiled variants are the eager ones)
+            continue
+        done.append(argv)
+        print(f"\n[{time.time() - start:6.0f} s] $ {' '.join(argv[1:])}", flush=True)
+        code = subprocess.run(argv, check=False).returncode
+        if code:
+            failures += 1
+            print(f"exit code {code}", flush=True)
+    print(f"\nsuite done in {time.time() - start:.0f} s, {failures} command(s) failed", flush=True)
+    if failures:
+        sys.exit(1)
 
 
 def dtype_of(args):
@@ -360,7 +389,10 @@ def parse_args(argv):
         if name == "train":
             s.add_argument("--peak-tflops", type=float, default=None, help="the card's peak, for MFU")
         if name == "suite":
+            s.add_argument("--only", help="comma-separated sections: ops, train, latency, search")
+            s.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: check the script itself")
             s.add_argument("--search-steps", type=int, default=200)
+            s.add_argument("--search-population", type=int, default=8)
             s.add_argument("--out", default="runs/suite")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -707,3 +707,11 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
 
     assert [key(e) for e in read_evaluations(tmp_path / "killed")] == \
         [key(e) for e in read_evaluations(tmp_path / "straight")]
+
+
+def test_bench_suite_smoke(tmp_path):
+    """The GPU suite's every command, at tiny sizes on the CPU: the script works before GPU time is spent."""
+    out = run_cli("bench.py", "suite", "--smoke", "--out", str(tmp_path / "search"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "0 command(s) failed" in out.stdout and out.stdout.count("tokens/s") >= 3
+    assert "per token" in out.stdout and (tmp_path / "search" / "report.md").exists()
