@@ -221,7 +221,13 @@ def train(args):
     device = torch.device(args.device)
     model = make_model(args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_fn = compiled(model, args.compile, "train")
+    if args.compile_model:  # the whole model as one graph (for comparison: the search compiles blocks)
+        step_fn = compiled(model, True, "train")
+    elif args.compile:  # compiled residual blocks, as the search trains them
+        step_fn = star.maybe_compile(model, dataclasses.replace(star.PRESETS["tiny"], compile=True),
+                                     lambda s: print(f"train:{s}"))
+    else:
+        step_fn = model
     x = torch.randint(0, args.vocab_size, (args.batch, args.seq_len), device=device)
 
     def step(_):
@@ -316,6 +322,7 @@ def suite_commands(args):
     model, train_shape = shape["model"], shape["model"] + shape["train"]
     every_class = gn.to_compact(gn.repair([[i % 17 + 1, i + 1, 1, i + 1, 1] for i in range(17)]))
     compile_flag = [] if args.smoke else ["--compile"]  # inductor on a CPU takes minutes per model
+    whole_flag = [] if args.smoke else ["--compile-model"]
     decode = ["--prompt-len", "16", "--decode-tokens", "4"] if args.smoke else ["--dtype", "bfloat16"]
     bench_py, evolve_py = [sys.executable, __file__], [sys.executable, "evolve.py"]
     return [
@@ -323,6 +330,7 @@ def suite_commands(args):
         ("ops", bench_py + ["ops"] + shape["ops"] + compile_flag),
         ("train", bench_py + ["train", "--baseline", "transformer++"] + train_shape + compile_flag),
         ("train", bench_py + ["train", "--baseline", "transformer++"] + train_shape),
+        ("train", bench_py + ["train", "--baseline", "transformer++"] + whole_flag + train_shape),
         ("train", bench_py + ["train", "--baseline", "striped-mamba"] + train_shape + compile_flag),
         ("train", bench_py + ["train", "--genome", every_class] + train_shape + compile_flag),
         ("latency", bench_py + ["latency", "--baseline", "transformer++"] + model + decode),
@@ -388,6 +396,7 @@ def parse_args(argv):
             s.add_argument("--seq-len", type=int, default=2048 if name == "ops" else 1024)
         if name == "train":
             s.add_argument("--peak-tflops", type=float, default=None, help="the card's peak, for MFU")
+            s.add_argument("--compile-model", action="store_true", help="compile the whole model, not blocks")
         if name == "suite":
             s.add_argument("--only", help="comma-separated sections: ops, train, latency, search")
             s.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: check the script itself")

@@ -89,6 +89,8 @@ class Model(nn.Module):
             self.livs.append(liv.LIV(cfg, featurizer_from=self.livs[fz_leader] if fz_leader is not None else None,
                                      shared_groups=tuple(gn.FEATURE_SHARING[row[4]]) if ft_leader is not None else ()))
         self.norm_f = nn.RMSNorm(width, eps=1e-6)
+        self.feature_leaders = set(self.feature_leader) - {None}  # LIVs whose features are read later
+        self.block, self.head = residual_block, lm_head  # compile_blocks() swaps in compiled versions
         self.labels = [f"liv:{gn.lookup(row).name}" for row in self.genome]  # profiler rows per class
         self.profiling = False  # bench.py turns on a record_function label per LIV
         self.init_weights()
@@ -112,12 +114,22 @@ class Model(nn.Module):
             shared = features[leader] if leader is not None else None
             label = torch.profiler.record_function(self.labels[i]) if self.profiling else contextlib.nullcontext()
             with label:
-                x = x + self.run_liv(i, norm(x), shared, caches, features)
-        logits = self.norm_f(x) @ self.embed.weight.T  # (b, l, vocab), tied head
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss
+                if caches is None:  # training and evaluation: whole residual blocks, compiled or not
+                    x, features[i] = self.block(norm, self.livs[i], x, shared, i in self.feature_leaders)
+                else:
+                    x = x + self.run_liv(i, norm(x), shared, caches, features)
+        return self.head(self.norm_f, self.embed.weight, x, targets)
+
+    def compile_blocks(self, enabled=True):
+        """Compile per residual block rather than per model: a block's graph depends only on its
+        LIV variant, so it is compiled once and reused by every later model of the search (a new
+        whole model costs 17-26 s of compilation: ANCHORS.md). Eager again with enabled=False."""
+        if enabled:
+            allow_many_graphs()
+            COMPILED.setdefault("block", torch.compile(residual_block))
+            COMPILED.setdefault("head", torch.compile(lm_head))
+        self.block = COMPILED["block"] if enabled else residual_block
+        self.head = COMPILED["head"] if enabled else lm_head
 
     def run_liv(self, i, x, shared, caches, features):
         layer = self.livs[i]
@@ -131,6 +143,31 @@ class Model(nn.Module):
 
     def init_caches(self, batch, max_len=None, device=None, dtype=torch.float32):
         return [layer.init_cache(batch, max_len or self.max_len, device, dtype) for layer in self.livs]
+
+
+def residual_block(norm, layer, x, shared, expose):
+    """x + LIV(RMSNorm(x)), the paper's fixed wrapper; the LIV's features if a later LIV reads them."""
+    y, features = layer(norm(x), shared)
+    return x + y, (features if expose else None)  # (b, l, d)
+
+
+def lm_head(norm, weight, x, targets):
+    logits = norm(x) @ weight.T  # (b, l, vocab), tied to the embedding
+    loss = None
+    if targets is not None:
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return logits, loss
+
+
+COMPILED = {}  # the compiled block and head, shared by every model of the process
+
+
+def allow_many_graphs():
+    """A search meets dozens of LIV variants: raise dynamo's per-function recompile limit (8)."""
+    import torch._dynamo
+    for name, value in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 8192)):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), value))
 
 
 def build_model(genome, preset, vocab_size=256):
@@ -328,20 +365,21 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
 
 
 def maybe_compile(model, preset, log):
-    """torch.compile when the preset asks for it, else the model itself."""
-    return CompiledOrEager(model, log) if preset.compile else model
+    """Compiled residual blocks when the preset asks for it (eager, with the reason, if that fails)."""
+    if not preset.compile:
+        return model
+    model.compile_blocks()
+    return CompiledOrEager(model, log, compiled=model, undo=lambda: model.compile_blocks(False))
 
 
 class CompiledOrEager:
-    """torch.compile(model), falling back to eager with a printed reason if the first call fails
-    (compilation is lazy: errors surface on the first call, not at torch.compile)."""
+    """torch.compile(model) (or a given compiled form), falling back to eager with a printed reason
+    if the first call fails (compilation is lazy: errors surface on the first call)."""
 
-    def __init__(self, model, log=None):
-        self.model, self.log, self.checked = model, log, False
-        # A search compiles one new model per candidate: without a reset, dynamo's cache for the
-        # shared code (Model.forward) fills up and hits its recompile limit, silently going eager.
-        torch._dynamo.reset()
-        self.fn = torch.compile(model)
+    def __init__(self, model, log=None, compiled=None, undo=None):
+        allow_many_graphs()
+        self.model, self.log, self.undo, self.checked = model, log, undo, False
+        self.fn = compiled if compiled is not None else torch.compile(model)
 
     def __call__(self, *args, **kwargs):
         if self.checked:
@@ -352,6 +390,8 @@ class CompiledOrEager:
             reason = str(e).splitlines()[0] if str(e) else ""
             if self.log:
                 self.log(f"  torch.compile failed ({type(e).__name__}: {reason[:200]}); running eagerly")
+            if self.undo:
+                self.undo()
             self.fn = self.model
             out = self.model(*args, **kwargs)
         self.checked = True
