@@ -715,3 +715,15 @@ def test_bench_suite_smoke(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "0 command(s) failed" in out.stdout and out.stdout.count("tokens/s") >= 3
     assert "per token" in out.stdout and (tmp_path / "search" / "report.md").exists()
+
+
+def test_compiled_blocks_are_reused_by_later_models(corpus):
+    """The search compiles each residual-block variant once: a new model made of known LIV
+    variants compiles no new graph (turnover stays near zero after the first candidates)."""
+    from torch._dynamo.utils import counters
+    preset = dataclasses.replace(TINY, compile=True, steps=2, width=16, heads=2, seq_len=16, eval_batches=1)
+    first = star.train_candidate(gn.baseline("transformer++", 2), corpus, preset, "cpu")
+    graphs = counters["stats"]["unique_graphs"]
+    second = star.train_candidate(gn.repair([[9, 1, 1, 1, 1], [1, 2, 1, 2, 1], [9, 3, 1, 3, 1]]), corpus, preset, "cpu")
+    assert first["status"] == second["status"] == "ok"
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
