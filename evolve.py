@@ -210,10 +210,10 @@ def atomic_write(path, text):
 class Evaluator:
     """Trains and scores genomes under the run's fixed budget (and measures latency if asked)."""
 
-    def __init__(self, settings, device, log):
+    def __init__(self, settings, device):
         self.preset = star.Preset(**settings["preset"])
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"])  # read once, reused
-        self.device, self.log = device, log
+        self.device = device
         self.latency = settings["objective"] == "quality-latency"
 
     def __call__(self, genome):
@@ -546,7 +546,7 @@ def main(argv=None):
         if run.settings["objective"] == "quality-latency":
             import bench
             run.settings["latency_note"] = bench.search_latency_note(device)
-        evaluate = Evaluator(run.settings, device, log)
+        evaluate = Evaluator(run.settings, device)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.resume:  # the checkpoint is the truth: rewrite the log from it

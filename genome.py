@@ -16,6 +16,7 @@ Nothing here needs torch: the search can run its bookkeeping without it. All ran
 from a `numpy.random.Generator` passed in.
 """
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -226,8 +227,7 @@ def from_json(text):
 
 
 def load(spec):
-    """A genome from a JSON file path, a compact string or a baseline name."""
-    import os
+    """A genome from a JSON file path or a compact string (a baseline name is refused: see baseline)."""
     if spec in BASELINES:
         raise ValueError(f"{spec!r} is a baseline: use --baseline")
     if os.path.exists(spec):

@@ -487,14 +487,17 @@ class LIV(nn.Module):
         for name, size in self.feature_sizes().items():
             if name.rstrip("2") in self.shared_groups:
                 continue
-            conv = cfg.feature_conv if name[0] != "A" else 0
-            self.features[name] = donor[name] if name in donor else Feature(cfg.width, size, conv)
+            self.features[name] = donor[name] if name in donor else Feature(cfg.width, size, self.conv_kernel(name))
         self.owned = {n for n in self.features if n not in donor}
         inner = cfg.hidden if cfg.mixer == "gated" else cfg.width  # width of the mixer's output
         self.out_proj = nn.Linear(inner, cfg.width, bias=False)
         if cfg.diff:  # lambda per head (init 0.8 as in the Differential Transformer) and per-head norm
             self.diff_lambda = nn.Parameter(torch.full((cfg.heads,), 0.8))
             self.diff_norm = nn.Parameter(torch.ones(inner))
+
+    def conv_kernel(self, name):
+        """The featurizer's short conv on a feature group (decays, A, get none); 0 = none."""
+        return self.cfg.feature_conv if name[0] != "A" else 0
 
     def feature_sizes(self):
         """Feature groups of this LIV; a differential LIV has a second C, B (and A), V is shared."""
@@ -565,14 +568,13 @@ class LIV(nn.Module):
         shared, sizes = set(self.shared_groups), self.feature_sizes()
         numel = sum(m.cache_numel(batch, seq_len, shared | ({"V"} if i else set()))
                     for i, m in enumerate(self.mixers))
-        if self.cfg.feature_conv:
-            numel += sum(batch * sizes[n] * (self.cfg.feature_conv - 1) for n in self.features if n[0] != "A")
+        numel += sum(batch * sizes[n] * (self.conv_kernel(n) - 1) for n in self.features if self.conv_kernel(n))
         return numel * bytes_per_element
 
     def param_count(self):
         """Parameters this LIV owns (shared featurizer weights count once, at their leader)."""
         c, sizes = self.cfg, self.feature_sizes()
-        per_group = {n: c.width * s + (s * c.feature_conv if n[0] != "A" else 0) for n, s in sizes.items()}
+        per_group = {n: c.width * s + s * self.conv_kernel(n) for n, s in sizes.items()}
         inner = self.out_proj.in_features
         count = sum(per_group[n] for n in self.owned) + sum(m.param_numel() for m in self.mixers)
         count += inner * c.width

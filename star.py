@@ -236,8 +236,9 @@ class Corpus:
             if not vocab_size:
                 raise ValueError(f"{path}: a .bin token file needs --vocab-size")
             tokens = np.memmap(path, dtype=np.uint16, mode="r")
-            if len(tokens) and tokens[: 1 << 20].max() >= vocab_size:
-                raise ValueError(f"{path}: token ids reach {tokens[: 1 << 20].max()}, beyond --vocab-size {vocab_size}")
+            top = int(tokens[: 1 << 20].max()) if len(tokens) else 0  # a cheap check on the first 1M tokens
+            if top >= vocab_size:
+                raise ValueError(f"{path}: token ids reach {top}, beyond --vocab-size {vocab_size}")
         else:
             if vocab_size not in (None, 256):
                 raise ValueError("text files are read as bytes: vocabulary 256")
