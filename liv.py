@@ -234,13 +234,13 @@ class RecurrenceMixer(nn.Module):
 
     def step(self, f, shared, cache):
         q, kk, v, log_a = self.split(f)  # l = 1
-        s = cache["state"]  # (b, h, n, k)
-        s.mul_(log_a.exp()[..., None].to(s.dtype)).add_(kk.transpose(-1, -2) @ v)
-        return merge(q @ s), f
+        s = cache["state"]  # (b, h, n, k), float32 in any model: in bf16 a decay of 0.999 rounds to 1.0
+        s.mul_(log_a.exp()[..., None]).add_(kk.float().transpose(-1, -2) @ v.float())
+        return merge((q.float() @ s).to(v.dtype)), f
 
     def init_cache(self, batch, max_len, shared, device, dtype):
-        c = self.cfg
-        return {"state": torch.zeros(batch, c.heads, c.state, c.head_dim, device=device, dtype=dtype)}
+        c = self.cfg  # the state stays float32 whatever the cache dtype (counted at the nominal size)
+        return {"state": torch.zeros(batch, c.heads, c.state, c.head_dim, device=device, dtype=torch.float32)}
 
     def cache_numel(self, batch, max_len, shared):
         return batch * self.cfg.heads * self.cfg.state * self.cfg.head_dim
