@@ -16,6 +16,7 @@ Nothing here needs torch: the search can run its bookkeeping without it. All ran
 from a `numpy.random.Generator` passed in.
 """
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -72,17 +73,23 @@ def lookup(genome_row):
 
 
 def as_array(genome):
-    """Any list of 5-integer lists (or array) -> an (n, 5) int64 array; raise ValueError if malformed."""
-    try:
-        g = np.asarray(genome)
-    except ValueError:
-        raise ValueError("a genome is a list of 5-integer rows, one per LIV") from None
-    if g.ndim != 2 or g.shape[1] != GENES or g.shape[0] < 1:
-        raise ValueError(f"a genome is a list of 5-integer rows, one per LIV; got shape {g.shape}")
-    if not np.issubdtype(g.dtype, np.integer):
-        if not np.issubdtype(g.dtype, np.number) or np.any(g != np.round(g)):
-            raise ValueError("genome genes must be integers")
-    return g.astype(np.int64)
+    """Rows of 5 integers (lists or an integer array) -> an (n, 5) int64 array. Anything else is
+    refused by position: inf, NaN, 1.5, true, an integer beyond int64 (never converted or clipped)."""
+    rows = genome if isinstance(genome, (list, tuple, np.ndarray)) else []
+    if not (len(rows) and all(isinstance(r, (list, tuple, np.ndarray)) and len(r) == GENES for r in rows)):
+        raise ValueError(f"a genome is a list of 5-integer rows, one per LIV; got {str(genome)[:60]}")
+    if not (isinstance(genome, np.ndarray) and np.issubdtype(genome.dtype, np.integer)):
+        for i, row in enumerate(rows):
+            for j, v in enumerate(row):
+                if not _is_int64(v):
+                    raise ValueError(f"LIV {i + 1}, gene {j + 1}: {v!r} is not an integer within int64")
+    return np.array(rows, dtype=np.int64)
+
+
+def _is_int64(v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(v) and v == int(v) and -2**63 <= int(v) < 2**63
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +215,13 @@ def to_compact(genome):
 
 
 def from_compact(text):
-    try:
-        rows = [[int(v) for v in liv.split(".")] for liv in text.strip().split("-")]
-    except ValueError:
-        raise ValueError(f"not a compact genome: {text!r} (expected e.g. 1.1.1.1.1-9.2.1.1.1)") from None
-    return as_array(rows)
+    rows = [liv.split(".") for liv in text.strip().split("-")]
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            if not (v.isascii() and v.isdigit()):
+                raise ValueError(f"not a compact genome: {text[:60]!r}: LIV {i + 1}, gene {j + 1} is {v!r}, "
+                                 "not an integer (expected e.g. 1.1.1.1.1-9.2.1.1.1)")
+    return as_array([[int(v) for v in row] for row in rows])
 
 
 def to_json(genome):
@@ -221,23 +230,38 @@ def to_json(genome):
                        "genome": g.tolist()}, indent=1)
 
 
-def from_json(text):
-    data = json.loads(text)
+def from_json(data):
+    """A genome from parsed JSON: our file format ({"genome": rows, ...}) or bare rows."""
+    if isinstance(data, dict) and "genome" not in data:
+        raise ValueError("no 'genome' field")
     return as_array(data["genome"] if isinstance(data, dict) else data)
+
+
+def read_json(path, what):
+    """Parsed JSON of a file, or one line naming the path and what is wrong with it: missing, a
+    directory, unreadable, not UTF-8, not JSON, nested too deeply. Every JSON input goes through here."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: {(e.strerror or str(e)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path}: JSON nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path}: not JSON ({e})") from None
 
 
 def load(spec):
     """A genome from a JSON file path or a compact string (a baseline name is refused: see baseline)."""
     if spec in BASELINES:
         raise ValueError(f"{spec!r} is a baseline: use --baseline")
-    if os.path.exists(spec):
+    if os.path.exists(spec) or spec.endswith(".json"):
         try:
-            with open(spec) as f:
-                return from_json(f.read())
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{spec}: not a genome file ({e})") from None
-    if spec.endswith(".json"):
-        raise ValueError(f"genome file not found: {spec}")
+            return from_json(read_json(spec, "genome file"))
+        except ValueError as e:
+            raise ValueError(str(e) if str(e).startswith("genome file") else f"genome file {spec}: {e}") from None
     return from_compact(spec)
 
 
