@@ -133,9 +133,11 @@ def peak_tflops(device, override=None):
 
 
 def make_model(args, device):
-    preset = dataclasses.replace(star.PRESETS["tiny"], width=args.width, heads=args.heads, n_livs=args.n_livs,
-                                 seq_len=args.max_len, chunk=args.chunk)
-    g = star.genome_from_args(args, args.n_livs)
+    """The genome at the preset's width, heads and depth (or the flags'), checked before it is built."""
+    preset = dataclasses.replace(star.PRESETS[star.preset_name(args.preset)], seq_len=args.max_len, chunk=args.chunk)
+    preset = dataclasses.replace(preset, **{k: getattr(args, k) for k in ("width", "heads", "n_livs") if getattr(args, k)})
+    g = star.genome_from_args(args, preset.n_livs)
+    star.check_preset(preset, g)
     torch.manual_seed(0)
     return star.build_model(g, preset, args.vocab_size).to(device)
 
@@ -144,13 +146,18 @@ def latency(args):
     """Prefill latency for a prompt and per-token decode latency with the LIVs' caches."""
     device = torch.device(args.device)
     model = make_model(args, device).to(dtype_of(args)).eval()
+    cfg = model.livs[0].cfg
+    print(f"latency of {gn.summary(model.genome)}: {len(model.livs)} LIVs, width {cfg.width}, {cfg.heads} heads, "
+          f"{args.dtype}, on {args.device}\nprefill of {args.batch} x {args.prompt_len} tokens, then "
+          f"{args.decode_tokens} decode steps; median of {args.reps} after {args.warmup} warm-up runs, then one "
+          f"profiled pass ...", flush=True)
     result = measure_latency(model, args.batch, args.prompt_len, args.decode_tokens, device, args.compile,
-                             reps=args.reps, trace=args.trace)
+                             reps=args.reps, warmup=args.warmup, trace=args.trace)
     print(json.dumps({"genome": gn.to_compact(model.genome), **result}))
 
 
-def measure_latency(model, batch, prompt_len, decode_tokens, device, use_compile=False, reps=10, trace=None,
-                    show=True):
+def measure_latency(model, batch, prompt_len, decode_tokens, device, use_compile=False, reps=10, warmup=3,
+                    trace=None, show=True):
     dtype = next(model.parameters()).dtype
     prompt = torch.randint(0, model.embed.num_embeddings, (batch, prompt_len), device=device)
     token = prompt[:, -1:]
@@ -170,8 +177,8 @@ def measure_latency(model, batch, prompt_len, decode_tokens, device, use_compile
             forward(token, caches=caches)
 
     with torch.no_grad():
-        prefill_ms = median_ms(lambda c: forward(prompt, caches=c), device, reps, setup=fresh)
-        decode_ms = median_ms(decode, device, reps, setup=prefilled) / decode_tokens
+        prefill_ms = median_ms(lambda c: forward(prompt, caches=c), device, reps, warmup, setup=fresh)
+        decode_ms = median_ms(decode, device, reps, warmup, setup=prefilled) / decode_tokens
         model.profiling = True
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                                if device.type == "cuda" else [])
@@ -303,6 +310,7 @@ def recurrence_vs_loop(args, device):
     return loop_ms, chunk_ms, short
 
 
+SECTIONS = ("ops", "train", "latency", "search")
 SHAPES = {  # the reference shapes of ANCHORS.md, and a smoke-test size that runs on a CPU in seconds
     "reference": {"ops": ["--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12"],
                   "model": ["--width", "768", "--heads", "12", "--n-livs", "24"],
@@ -345,7 +353,7 @@ def suite(args):
     `--only train,latency` runs some sections (to split it over calls); `--smoke` runs it all at
     tiny sizes on a CPU, to check the script before spending GPU time on it."""
     import subprocess
-    sections = set(args.only.split(",")) if args.only else {"ops", "train", "latency", "search"}
+    sections = set(args.only.split(",")) if args.only else set(SECTIONS)
     failures, start, done = 0, time.time(), []
     for section, argv in suite_commands(args):
         if section not in sections or argv in done:  # (smoke: the compiled variants are the eager ones)
@@ -366,59 +374,79 @@ def dtype_of(args):
 
 
 def parse_args(argv):
+    number = star.number
     p = star.Parser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    for name in ("latency", "train", "ops", "suite"):
-        s = sub.add_parser(name)
-        s.add_argument("--device", default=default_device)
-        s.add_argument("--width", type=int, default=768 if name == "ops" else 256)
-        s.add_argument("--heads", type=int, default=12 if name == "ops" else 4)
-        s.add_argument("--chunk", type=int, default=64)
-        s.add_argument("--reps", type=int, default=10)
-        s.add_argument("--warmup", type=int, default=3)
-        s.add_argument("--compile", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{latency,train,ops,suite}")
+    helps = {"latency": "prefill and per-token decode time, per LIV class", "train": "training tokens/s, memory, MFU",
+             "ops": "every LIV class against SDPA attention", "suite": "the prepared GPU measurements in one call"}
+    for name, what in helps.items():
+        s = sub.add_parser(name, help=what, description=what)
+        s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        if name in ("latency", "train"):
+            s.add_argument("--preset", default="auto", help="width, heads and depth unless given: tiny, gpu or auto")
+        s.add_argument("--width", type=number("width"), default=768 if name == "ops" else None,
+                       help="model width" + ("" if name == "ops" else " (default: the preset's)"))
+        s.add_argument("--heads", type=number("heads"), default=12 if name == "ops" else None,
+                       help="heads" + ("" if name == "ops" else " (default: the preset's)"))
+        s.add_argument("--chunk", type=number("chunk"), default=64, help="chunk length of the chunked recurrence")
+        s.add_argument("--reps", type=number("reps"), default=10, help="timed repetitions")
+        s.add_argument("--warmup", type=number("warmup"), default=3, help="untimed warm-up repetitions")
+        s.add_argument("--compile", action="store_true", help="time torch.compile'd code")
         if name in ("latency", "train"):
             source = s.add_mutually_exclusive_group(required=True)
-            source.add_argument("--genome")
-            source.add_argument("--baseline")
-            s.add_argument("--n-livs", type=int, default=24)
-            s.add_argument("--vocab-size", type=int, default=256)
-            s.add_argument("--max-len", type=int, default=2048, help="longest sequence (the long filter's length)")
+            source.add_argument("--genome", help="genome JSON file or compact form")
+            source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}")
+            s.add_argument("--n-livs", type=number("n_livs"), default=None, help="LIVs in depth (default: the preset's)")
+            s.add_argument("--vocab-size", type=number("vocab_size"), default=256, help="vocabulary")
+            s.add_argument("--max-len", type=number("max_len"), default=2048, help="longest sequence (the long filter's length)")
         if name == "latency":
-            s.add_argument("--batch", type=int, default=1)
-            s.add_argument("--prompt-len", type=int, default=512)
-            s.add_argument("--decode-tokens", type=int, default=64)
-            s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+            s.add_argument("--batch", type=number("batch"), default=1, help="sequences decoded together")
+            s.add_argument("--prompt-len", type=number("prompt_len"), default=512, help="prompt tokens (prefill)")
+            s.add_argument("--decode-tokens", type=number("decode_tokens"), default=64, help="tokens decoded one by one")
+            s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
             s.add_argument("--trace", help="write a Chrome trace (chrome://tracing, Perfetto) of the profiled pass")
         if name in ("train", "ops"):
-            s.add_argument("--batch", type=int, default=8)
-            s.add_argument("--seq-len", type=int, default=2048 if name == "ops" else 1024)
+            s.add_argument("--batch", type=number("batch"), default=8, help="sequences per step")
+            s.add_argument("--seq-len", type=number("seq_len"), default=2048 if name == "ops" else 1024, help="tokens per sequence")
         if name == "train":
-            s.add_argument("--peak-tflops", type=float, default=None, help="the card's peak, for MFU")
+            s.add_argument("--peak-tflops", type=number("peak_tflops"), default=None, help="the card's peak, for MFU")
             s.add_argument("--compile-model", action="store_true", help="compile the whole model, not blocks")
         if name == "suite":
-            s.add_argument("--only", help="comma-separated sections: ops, train, latency, search")
+            s.add_argument("--only", help="comma-separated sections: " + ", ".join(SECTIONS))
             s.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: check the script itself")
-            s.add_argument("--search-steps", type=int, default=200)
-            s.add_argument("--search-population", type=int, default=8)
-            s.add_argument("--out", default="runs/suite")
+            s.add_argument("--search-steps", type=number("steps"), default=200, help="steps per candidate of the search")
+            s.add_argument("--search-population", type=number("population"), default=8, help="the search's population")
+            s.add_argument("--out", default="runs/suite", help="the search's output directory")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda, but CUDA is not available")
     if args.command == "latency" and args.prompt_len + args.decode_tokens + 1 > args.max_len:
         args.max_len = args.prompt_len + args.decode_tokens + 1
-    if args.command == "train" and args.seq_len > args.max_len:
+    if args.command in ("train", "ops") and args.seq_len > getattr(args, "max_len", 0):
         args.max_len = args.seq_len
     return args
+
+
+def check_args(args):
+    """What argparse cannot check, before any work: device, output paths, suite sections, shapes."""
+    args.device = star.resolve_device(args.device)
+    if getattr(args, "trace", None):
+        star.output_file(args.trace, "trace")
+    if args.command == "suite":
+        unknown = set(args.only.split(",")) - set(SECTIONS) if args.only is not None else set()
+        if unknown:
+            raise ValueError(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+        star.output_dir(args.out, "search output directory")
+    if args.command == "ops":
+        star.check_preset(dataclasses.replace(star.PRESETS["tiny"], width=args.width, heads=args.heads,
+                                              seq_len=args.seq_len, chunk=args.chunk))
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_args(args)
         {"latency": latency, "train": train, "ops": ops, "suite": suite}[args.command](args)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        star.fail(e)
 
 
 if __name__ == "__main__":

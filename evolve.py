@@ -33,6 +33,7 @@ DEFAULTS = {"tiny": {"population": 8, "generations": 4}, "gpu": {"population": 1
 BASELINES = ("transformer++", "striped-mamba")
 SINGLE_OBJECTIVE_ELITES = 2  # paper: 2 survivors carried over in single-objective runs
 FAILED = 1e30  # the objective value of a failed candidate: worse than anything real
+VERSION = 1  # of checkpoint.json
 
 # ---------------------------------------------------------------------------------------------
 # NSGA-II (Deb et al. 2002)
@@ -170,7 +171,7 @@ class Run:
         return self.elapsed_before + time.time() - self.started
 
     def save(self):
-        state = {"version": 1, "settings": self.settings, "generation": self.generation,
+        state = {"version": VERSION, "settings": self.settings, "generation": self.generation,
                  "population": self.population, "batch": self.batch, "evaluations": self.evaluations,
                  "baselines": self.baselines, "rng": self.rng.bit_generator.state, "elapsed": self.elapsed()}
         atomic_write(os.path.join(self.out, "checkpoint.json"), json.dumps(state))
@@ -180,17 +181,107 @@ class Run:
         path = os.path.join(out, "checkpoint.json")
         if not os.path.exists(path):
             raise ValueError(f"no checkpoint to resume: {path} does not exist")
+        state = gn.read_json(path, "checkpoint")
         try:
-            with open(path) as f:
-                state = json.load(f)
-            run = cls(out, state["settings"])
-            run.generation, run.population, run.batch = state["generation"], state["population"], state["batch"]
-            run.evaluations, run.baselines = state["evaluations"], state["baselines"]
-            run.rng.bit_generator.state = state["rng"]
-            run.elapsed_before = state["elapsed"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
+            check_state(state)
+        except ValueError as e:
+            raise ValueError(f"{path}: corrupt checkpoint: {e}") from None
+        run = cls(out, state["settings"])
+        run.generation, run.population, run.batch = state["generation"], state["population"], state["batch"]
+        run.evaluations, run.baselines = state["evaluations"], state["baselines"]
+        run.rng.bit_generator.state = state["rng"]
+        run.elapsed_before = state["elapsed"]
         return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of a run's settings (new or resumed) and of a checkpoint's schema, at start
+
+
+def check_settings(s):
+    """A run's settings, from the command line or a checkpoint, checked in one place."""
+    for key, kinds in (("objective", (str,)), ("preset_name", (str,)), ("preset", (dict,)), ("population", (int,)),
+                       ("generations", (int,)), ("mutation", (int, float)), ("seed", (int,)),
+                       ("data", (str, type(None))), ("vocab_size", (int, type(None)))):
+        field(s, key, kinds, "settings")
+    if s["objective"] not in OBJECTIVES:
+        raise ValueError(f"unknown objective {s['objective']!r}; choose from {', '.join(OBJECTIVES)}")
+    if s["preset_name"] not in star.PRESETS:
+        raise ValueError(f"settings.preset_name: unknown preset {s['preset_name']!r}")
+    try:
+        star.check_preset(star.Preset(**s["preset"]))
+    except TypeError as e:
+        raise ValueError(f"settings.preset: {e}") from None
+    for key in ("population", "generations", "mutation") + (("vocab_size",) if s["vocab_size"] is not None else ()):
+        try:
+            star.check_number(key, s[key])
+        except ValueError as e:
+            raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+    return s
+
+
+def field(obj, key, kinds, where):
+    """obj[key] if it is one of kinds (a bool is no int here); else a ValueError naming the field."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise ValueError(f"{where}: no field '{key}'")
+    value = obj[key]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ValueError(f"{where}.{key} is {str(value)[:40]!r}, not {' or '.join(k.__name__ for k in kinds)}")
+    return value
+
+
+def check_compact(compact, n_livs, where):
+    try:
+        g = gn.from_compact(field({"genome": compact}, "genome", (str,), where))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    problems = gn.validate(g)
+    if problems or len(g) != n_livs:
+        raise ValueError(f"{where}: {problems[0] if problems else f'{len(g)} LIVs, the run has {n_livs}'}")
+
+
+def check_result(e, n_livs, where):
+    """One trained model's entry: the fields the search and the report read."""
+    check_compact(field(e, "compact", (str,), where), n_livs, where)
+    if field(e, "status", (str,), where) not in ("ok", "failed"):
+        raise ValueError(f"{where}.status is {e['status']!r}, not ok or failed")
+    ppl = field(e, "ppl", (int, float, type(None)), where)
+    if e["status"] == "ok" and not (ppl is not None and math.isfinite(ppl) and ppl >= 1):
+        raise ValueError(f"{where}.ppl is {ppl!r} for a model that trained")
+    for key in ("params", "cache_bytes"):
+        field(e, key, (int, type(None)), where)
+    for key in ("seconds", "train_seconds"):
+        if not field(e, key, (int, float), where) >= 0:
+            raise ValueError(f"{where}.{key} is negative")
+    field(e, "summary", (str,), where)
+
+
+def check_state(state):
+    """The checkpoint's schema, so that a corrupt or hand-edited one is refused at start with the
+    field that is wrong, not halfway through a generation."""
+    if field(state, "version", (int,), "checkpoint") != VERSION:
+        raise ValueError(f"version {state['version']}; this code reads version {VERSION}")
+    s = check_settings(field(state, "settings", (dict,), "checkpoint"))
+    n = s["preset"]["n_livs"]
+    if not 0 <= field(state, "generation", (int,), "checkpoint") < max(s["generations"], state["generation"] + 1):
+        raise ValueError(f"generation {state['generation']} is negative")
+    for key in ("population", "batch"):
+        for i, compact in enumerate(field(state, key, (list,), "checkpoint")):
+            check_compact(compact, n, f"{key}[{i}]")
+    for i, e in enumerate(field(state, "evaluations", (list,), "checkpoint")):
+        check_result(e, n, f"evaluations[{i}]")
+        if not 0 <= field(e, "generation", (int,), f"evaluations[{i}]") <= state["generation"]:
+            raise ValueError(f"evaluations[{i}].generation is {e['generation']}, after the run's {state['generation']}")
+    for name, e in field(state, "baselines", (dict,), "checkpoint").items():
+        if name not in BASELINES:
+            raise ValueError(f"baselines: unknown baseline {name!r}")
+        check_result(e, max(2, n // 2 * 2), f"baselines.{name}")
+    try:
+        np.random.default_rng().bit_generator.state = field(state, "rng", (dict,), "checkpoint")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"rng: not a PCG64 state ({type(e).__name__}: {e})") from None
+    if not field(state, "elapsed", (int, float), "checkpoint") >= 0:
+        raise ValueError("elapsed is negative")
 
 
 def model_key(compact):
@@ -212,7 +303,7 @@ class Evaluator:
 
     def __init__(self, settings, device):
         self.preset = star.Preset(**settings["preset"])
-        self.corpus = star.Corpus(settings["data"], settings["vocab_size"])  # read once, reused
+        self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once, reused
         self.device = device
         self.latency = settings["objective"] == "quality-latency"
 
@@ -280,6 +371,17 @@ def run_baselines(run, evaluate, log):
             f"cache {fmt_count(result['cache_bytes'])}B  {time.time() - t0:.1f}s")
 
 
+class NothingTrained(RuntimeError):
+    pass
+
+
+def check_something_trained(run):
+    """A search in which every model failed has nothing to report: stop with the first error."""
+    trained = run.evaluations + list(run.baselines.values())
+    if trained and not any(e["status"] == "ok" for e in trained):
+        raise NothingTrained(f"every candidate and both baselines failed; the first error: {trained[0].get('error')}")
+
+
 def search(run, evaluate, log=print):
     """The STAR loop: initial random population, then generations of children and survival."""
     s = run.settings
@@ -291,6 +393,7 @@ def search(run, evaluate, log=print):
     while True:
         if run.batch:  # a generation to finish (on resume: part of it may be done)
             evaluate_batch(run, evaluate, log)
+            check_something_trained(run)
             if run.generation == 0:
                 run.population = list(run.batch)
             else:
@@ -468,43 +571,35 @@ def plot_front(run):
 def parse_args(argv):
     p = star.Parser(description="STAR evolutionary architecture search (NSGA-II over LIV genomes)")
     p.add_argument("--objective", default=None, help=f"one of {', '.join(OBJECTIVES)} (default quality)")
-    p.add_argument("--population", type=int, default=None)
-    p.add_argument("--generations", type=int, default=None, help="generations, the initial one included")
-    p.add_argument("--mutation", type=float, default=None, help="per-gene mutation probability (default 0.1)")
-    p.add_argument("--data", default=None)
-    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--population", type=star.number("population"), default=None, metavar="N",
+                   help="genomes per generation (" + ", ".join(f"{k} {v['population']}" for k, v in DEFAULTS.items()) + ")")
+    p.add_argument("--generations", type=star.number("generations"), default=None, metavar="N",
+                   help="generations, the initial one included (" +
+                        ", ".join(f"{k} {v['generations']}" for k, v in DEFAULTS.items()) + ")")
+    p.add_argument("--mutation", type=star.number("mutation"), default=None, metavar="P",
+                   help="per-gene mutation probability (default 0.1)")
+    p.add_argument("--data", default=None, help="a .txt (bytes) or .bin (uint16 tokens) file; default: embedded Shakespeare")
+    p.add_argument("--vocab-size", type=star.number("vocab_size"), default=None, help="vocabulary of a .bin token file")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output directory (default runs/<date>-<time>)")
     p.add_argument("--resume", default=None, help="continue the run in this directory")
     star.add_preset_args(p)
-    p.set_defaults(preset=None)
+    p.set_defaults(preset=None)  # None: not given (on --resume, the run's own preset)
     return p.parse_args(argv)
 
 
 def settings_from_args(args, log):
-    objective = args.objective or "quality"
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
-    preset_name = args.preset or "auto"
-    if preset_name == "auto":
-        preset_name = "gpu" if torch.cuda.is_available() else "tiny"
-        log(f"preset auto: {preset_name} ({'CUDA found' if preset_name == 'gpu' else 'no CUDA'})")
-    preset = star.preset_from_args(args, preset_name)
-    defaults = DEFAULTS[preset_name]
-    settings = {"objective": objective, "preset_name": preset_name, "preset": dataclasses.asdict(preset),
-                "population": args.population or defaults["population"],
-                "generations": args.generations or defaults["generations"],
+    name = star.preset_name(args.preset or "auto")
+    if (args.preset or "auto") == "auto":
+        log(f"preset auto: {name} ({'CUDA found' if name == 'gpu' else 'no CUDA'})")
+    preset = star.preset_from_args(args, name)
+    defaults = DEFAULTS[name]
+    settings = {"objective": args.objective or "quality", "preset_name": name, "preset": dataclasses.asdict(preset),
+                "population": defaults["population"] if args.population is None else args.population,
+                "generations": defaults["generations"] if args.generations is None else args.generations,
                 "mutation": 0.1 if args.mutation is None else args.mutation,
                 "seed": preset.seed, "data": args.data, "vocab_size": args.vocab_size}
-    if settings["population"] < 2:
-        raise ValueError(f"--population must be at least 2, got {settings['population']}")
-    if settings["generations"] < 1:
-        raise ValueError("--generations must be at least 1")
-    if not 0 <= settings["mutation"] <= 1:
-        raise ValueError("--mutation is a probability in [0, 1]")
-    if args.data and not os.path.exists(args.data):
-        raise ValueError(f"data file not found: {args.data}")
-    return settings
+    return check_settings(settings)
 
 
 def check_resume_conflicts(args, saved):
@@ -537,28 +632,30 @@ def main(argv=None):
             out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
             if os.path.exists(os.path.join(out, "checkpoint.json")):
                 raise ValueError(f"{out} already holds a run: use --resume {out} or another --out")
-            os.makedirs(out, exist_ok=True)
             run = Run(out, settings)
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda, but CUDA is not available")
+        device = star.resolve_device(args.device)
         run.settings["device"] = device
         if run.settings["objective"] == "quality-latency":
             import bench
             run.settings["latency_note"] = bench.search_latency_note(device)
         evaluate = Evaluator(run.settings, device)
+        star.output_dir(run.out)  # created only once everything else has been checked
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        star.fail(e)
     if args.resume:  # the checkpoint is the truth: rewrite the log from it
         atomic_write(os.path.join(run.out, "evaluations.jsonl"), "".join(json.dumps(e) + "\n" for e in run.evaluations))
     s = run.settings
     log(f"STAR search: objective {s['objective']}, preset {s['preset_name']}, population {s['population']}, "
-        f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {device}; writing to {run.out}")
+        f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {device}; writing to {run.out}\n"
+        f"{star.budget_note(evaluate.corpus, evaluate.preset)}")
     run.save()
     try:
         search(run, evaluate, log)
     except KeyboardInterrupt:  # everything finished is in the checkpoint already
-        sys.exit(f"interrupted: continue with python evolve.py --resume {run.out}")
+        star.fail(f"interrupted: continue with python evolve.py --resume {run.out}")
+    except NothingTrained as e:
+        write_outputs(run, log)
+        star.fail(e)
     write_outputs(run, log)
 
 

@@ -16,7 +16,9 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +57,113 @@ PRESETS = {
     "gpu": Preset(width=256, heads=8, n_livs=24, seq_len=1024, batch_size=32, steps=2000, lr=1e-3,
                   warmup=200, eval_batches=32, compile=True),
 }
+
+# ---------------------------------------------------------------------------------------------
+# Input checks, one place per kind of input: numbers (here), files (here), genome values
+# (genome.as_array), search checkpoints (evolve.check_state). Each refusal is one line.
+
+INT_MAX = 2**31 - 1
+LIMITS = {  # every number any command takes: (lowest, highest); a float bound makes it a real number
+    "width": (2, 1 << 16), "heads": (1, 1 << 10), "n_livs": (1, 1 << 12), "seq_len": (2, 1 << 20),
+    "batch_size": (1, 1 << 20), "steps": (1, INT_MAX), "lr": (1e-9, 10.0), "warmup": (0, INT_MAX),
+    "eval_batches": (1, 1 << 20), "chunk": (1, 1 << 16), "seed": (0, 2**32 - 1), "vocab_size": (2, 1 << 16),
+    "threads": (1, 1 << 10), "tokens": (1, 1 << 20), "temperature": (1e-6, 1e6), "top_k": (1, 1 << 16),
+    "population": (2, 1 << 16), "generations": (1, 1 << 16), "mutation": (0.0, 1.0), "reps": (1, 1 << 20),
+    "prompt_len": (1, 1 << 20), "decode_tokens": (1, 1 << 20), "batch": (1, 1 << 20), "max_len": (2, 1 << 20),
+    "peak_tflops": (1e-3, 1e7), "confirm_steps": (0, INT_MAX), "confirm_top": (1, 1 << 10),
+}
+
+
+def check_number(name, value):
+    """value if it is a finite number of the right kind inside LIMITS[name]; else ValueError."""
+    lo, hi = LIMITS[name]
+    integral = isinstance(lo, int) and isinstance(hi, int)
+    kinds = int if integral else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:  # NaN fails too
+        raise ValueError(f"{value!r} is not {'an integer' if integral else 'a number'} in {lo}..{hi}")
+    return value
+
+
+def number(name):
+    """The argparse type of a numeric flag: parsed, then held to LIMITS (one line if not)."""
+    integral = all(isinstance(b, int) for b in LIMITS[name])
+
+    def parse(text):
+        try:
+            value = int(text) if integral else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if integral else 'a number'}") from None
+        try:
+            return check_number(name, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def check_preset(preset, genome=None):
+    """Every preset field in range, and shapes that every class of the genome (of the catalogue
+    when no genome is given: a search may meet any class) can be built with."""
+    for f in dataclasses.fields(Preset):
+        value = getattr(preset, f.name)
+        if f.name in LIMITS:
+            try:
+                check_number(f.name, value)
+            except ValueError as e:
+                raise ValueError(f"--{f.name.replace('_', '-')}: {e}") from None
+        elif not isinstance(value, bool):
+            raise ValueError(f"--{f.name}: {value!r} is not true or false")
+    w, h = preset.width, preset.heads
+    if w % h or (w // h) % 2:
+        raise ValueError(f"--width {w} must split into {h} heads of an even size")
+    classes = gn.CATALOGUE if genome is None else [gn.lookup(row) for row in genome]
+    for cls in classes:
+        kv = liv.LIVConfig(heads=h, **{k: v for k, v in cls.featurizer.items() if k == "kv_repeat"}).kv_heads
+        if cls.mixer == "attention" and h % kv:
+            raise ValueError(f"--heads {h}: {cls.name} would have {kv} K/V heads, which do not divide {h} heads")
+    return preset
+
+
+def input_file(path, what):
+    """path if it is a readable regular file; else one line naming it and the problem."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} not found: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{what} {path} is not readable")
+    return path
+
+
+def output_file(path, what):
+    """Refuse, before any work, an output file that cannot be written: it is opened for appending."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {what} {path}: {(e.strerror or str(e)).lower()}") from None
+    if not existed:
+        os.remove(path)
+    return path
+
+
+def output_dir(path, what="output directory"):
+    """Create a directory for outputs and prove it writable, or one line saying why not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot use {what} {path}: {(e.strerror or str(e)).lower()}") from None
+    return path
+
+
+def fail(message):
+    """The one way a command refuses: one line on stderr, exit code 1."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 # Paper (section 6 of the spec): AdamW betas (0.9, 0.95), weight decay 0.1, clip 1.0, cosine.
 BETAS, WEIGHT_DECAY, GRAD_CLIP, MIN_LR_RATIO = (0.9, 0.95), 0.1, 1.0, 0.1
 
@@ -193,7 +302,7 @@ def generate(model, idx, n_tokens, temperature=1.0, top_k=None, greedy=False, ge
     """Sample n_tokens after the prompt idx (b, l): prefill the per-LIV caches once, then one step
     per token."""
     model.eval()
-    caches = model.init_caches(idx.size(0), idx.size(1) + n_tokens, idx.device)
+    caches = model.init_caches(idx.size(0), idx.size(1) + n_tokens, idx.device, next(model.parameters()).dtype)
     logits, _ = model(idx, caches=caches)  # prefill
     out = [idx]
     for _ in range(n_tokens):
@@ -230,24 +339,40 @@ class Corpus:
 
     @staticmethod
     def read(path, vocab_size):
-        if not os.path.exists(path):
-            raise ValueError(f"data file not found: {path}")
+        input_file(path, "data file")
+        size = os.path.getsize(path)
         if path.endswith(".bin"):
             if not vocab_size:
                 raise ValueError(f"{path}: a .bin token file needs --vocab-size")
-            tokens = np.memmap(path, dtype=np.uint16, mode="r")
+            if size % 2:
+                raise ValueError(f"{path}: {size} bytes is not a whole number of uint16 tokens")
+            tokens = np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, np.uint16)
             top = int(tokens[: 1 << 20].max()) if len(tokens) else 0  # a cheap check on the first 1M tokens
             if top >= vocab_size:
                 raise ValueError(f"{path}: token ids reach {top}, beyond --vocab-size {vocab_size}")
         else:
             if vocab_size not in (None, 256):
                 raise ValueError("text files are read as bytes: vocabulary 256")
-            opener = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rb") as f:
-                tokens = np.frombuffer(f.read(), dtype=np.uint8)
+            try:
+                with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+                    tokens = np.frombuffer(f.read(), dtype=np.uint8)
+            except (OSError, EOFError, zlib.error) as e:  # a .gz that is not gzip, or is truncated
+                raise ValueError(f"data file {path}: {e}") from None
         if len(tokens) < 1000:
             raise ValueError(f"{path}: {len(tokens)} tokens, too few to train on (empty?)")
         return tokens
+
+    def check(self, preset):
+        """Refuse a sequence length that either split cannot fill (at the edge, not mid-search)."""
+        for split, data in (("train", self.train), ("validation", self.val)):
+            if len(data) <= preset.seq_len + 1:
+                raise ValueError(f"{self.path}: the {split} split ({len(data)} tokens) is shorter than "
+                                 f"--seq-len {preset.seq_len}")
+        return self
+
+    def passes(self, preset):
+        """How many times one candidate's training budget reads the train split."""
+        return preset.steps * preset.batch_size * preset.seq_len / len(self.train)
 
     def batches(self, split, n_batches, batch_size, seq_len, seed, device):
         """n_batches fixed batches (x, y), each (batch_size, seq_len), drawn by seed: every
@@ -271,6 +396,9 @@ class Corpus:
 
 class Diverged(RuntimeError):
     pass
+
+
+PROGRESS_SECONDS = 10.0  # while a model trains, a progress line at most this often
 
 
 def lr_at(step, preset):
@@ -318,8 +446,8 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
         result["cache_bytes"] = cache_bytes(model, preset.seq_len)
         step_model = maybe_compile(model, preset, log)
         optimizer = make_optimizer(model, preset, device)
-        log_every = max(1, preset.steps // 5)
-        running = torch.zeros((), device=device)
+        check_every = max(1, preset.steps // 10)  # the loss is read back (one sync) this often
+        running, checked, printed = torch.zeros((), device=device), 0, time.perf_counter()
         start = time.perf_counter()
         batches = corpus.batches("train", preset.steps, preset.batch_size, preset.seq_len, preset.seed, device)
         for step, (x, y) in enumerate(batches):
@@ -336,14 +464,18 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 result["first_step_seconds"] = time.perf_counter() - start
-            if (step + 1) % log_every == 0 or step + 1 == preset.steps:
-                mean = running.item() / log_every  # the only sync, at logging points
+            if (step + 1) % check_every == 0 or step + 1 == preset.steps:
+                mean = running.item() / (step + 1 - checked)
                 running.zero_()
+                checked = step + 1
                 if not math.isfinite(mean):
                     raise Diverged(f"loss is {mean} at step {step + 1}")
-                if log:
-                    tps = (step + 1) * preset.batch_size * preset.seq_len / (time.perf_counter() - start)
-                    log(f"  step {step + 1:5d}/{preset.steps}  loss {mean:.4f}  {tps:,.0f} tok/s")
+                now = time.perf_counter()
+                if log and now - printed >= PROGRESS_SECONDS and step + 1 < preset.steps:
+                    printed, per_step = now, (now - start) / (step + 1)
+                    log(f"  step {step + 1}/{preset.steps}  loss {mean:.4f}  "
+                        f"{(step + 1) * preset.batch_size * preset.seq_len / (now - start):,.0f} tok/s  "
+                        f"{duration(per_step * (preset.steps - step - 1))} left")
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -352,9 +484,10 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
             raise Diverged(f"validation perplexity is {ppl}")
         steady = seconds - result["first_step_seconds"]  # without the first (compiling) step
         tokens_per_second = (preset.steps - 1) * preset.batch_size * preset.seq_len / steady if steady > 0 else 0.0
-        result.update(status="ok", ppl=ppl, train_seconds=seconds, tokens_per_second=tokens_per_second)
+        result.update(ppl=ppl, train_seconds=seconds, tokens_per_second=tokens_per_second)
         if save:
             save_checkpoint(save, model, preset, corpus)
+        result["status"] = "ok"  # only now: a model that could not be saved is not a success
     except Exception as e:  # noqa: BLE001 -- a failed candidate must never stop the search
         kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
         result["error"] = f"{kind}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -363,6 +496,11 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def duration(seconds):
+    """'42 s', '3.5 min' or '2.1 h'."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def maybe_compile(model, preset, log):
@@ -405,8 +543,7 @@ def save_checkpoint(path, model, preset, corpus):
 
 
 def load_checkpoint(path, device="cpu"):
-    if not os.path.exists(path):
-        raise ValueError(f"checkpoint not found: {path}")
+    input_file(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         preset = Preset(**ckpt["preset"])
@@ -420,28 +557,52 @@ def load_checkpoint(path, device="cpu"):
 # ---------------------------------------------------------------------------------------------
 # Command line
 
+PRESET_HELP = {"width": "model width", "heads": "attention (and recurrence) heads", "n_livs": "LIVs in depth",
+               "seq_len": "training sequence length", "batch_size": "sequences per step",
+               "steps": "training steps per model", "lr": "peak learning rate", "warmup": "warm-up steps",
+               "eval_batches": "validation batches", "chunk": "chunk length of the chunked recurrence",
+               "compile": "compile residual blocks with torch.compile", "seed": "data order and initialisation seed"}
+
 
 def add_preset_args(parser):
     """--preset plus one override flag per Preset field (--width, --steps, --lr, ...)."""
-    parser.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
+    parser.add_argument("--preset", default="auto", help="tiny, gpu, or auto: gpu when CUDA is available, else tiny")
     for f in dataclasses.fields(Preset):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(f.type, f.type), default=None)
+        values = ", ".join(f"{name} {getattr(p, f.name)}" for name, p in PRESETS.items())
+        kind = ({"action": argparse.BooleanOptionalAction} if f.type in (bool, "bool")
+                else {"type": number(f.name), "metavar": "N"})
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{PRESET_HELP[f.name]} ({values})",
+                            **kind)
+
+
+def preset_name(name):
+    """A preset's name with 'auto' resolved: gpu when CUDA is available, else tiny."""
+    if name == "auto":
+        return "gpu" if torch.cuda.is_available() else "tiny"
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
+    return name
 
 
 def preset_from_args(args, name=None):
-    name = name or args.preset
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    """The named preset with the command line's overrides (checked by check_preset once the genome is known)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset) if getattr(args, f.name) is not None}
-    preset = dataclasses.replace(PRESETS[name], **overrides)
-    for key in ("width", "heads", "n_livs", "seq_len", "batch_size", "steps", "eval_batches", "chunk"):
-        if getattr(preset, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1")
-    return preset
+    return dataclasses.replace(PRESETS[preset_name(name or args.preset)], **overrides)
+
+
+def resolve_device(name):
+    """'auto' -> cuda when available, else cpu; a device this machine cannot provide is refused."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but CUDA is not available")
+    return name
 
 
 def genome_from_args(args, n_livs):
@@ -454,90 +615,136 @@ def genome_from_args(args, n_livs):
     return g
 
 
+def budget_note(corpus, preset):
+    """What one model's training budget reads, and a warning when it reads the train split more than once."""
+    tokens, passes = preset.steps * preset.batch_size * preset.seq_len, corpus.passes(preset)
+    note = (f"budget per model: {preset.steps} steps of {preset.batch_size} x {preset.seq_len} = {tokens:,} tokens, "
+            f"{passes:.2f} passes over the train split ({len(corpus.train):,} tokens)")
+    if passes > 1:
+        note += ("\nwarning: more than one pass over the train split: models are ranked partly by how they "
+                 "memorise it; bring a larger corpus (data/prepare.py)")
+    return note
+
+
+def sharing_cell(g, i, group, strategy, what=""):
+    """'B, V of LIV 3' (follows LIV 3), 'leads' (a later LIV shares from it) or 'own'."""
+    if g[i, strategy] > 1 and g[i, group] != i + 1:
+        return f"{what} of LIV {g[i, group]}".strip()
+    followers = (g[:, group] == i + 1) & (g[:, strategy] > 1) & (np.arange(len(g)) != i)
+    return "leads" if followers.any() else "own"
+
+
 def show(genome, preset, vocab_size=256):
     model = build_model(genome, preset, vocab_size)
-    print(f"{gn.summary(genome)}\n{'#':>3}  {'class':<13}{'featurizer':<12}{'features':<12}{'params':>10}{'cache (bf16)':>14}")
-    for i, (row, layer) in enumerate(zip(model.genome, model.livs)):
-        fz = f"LIV {row[1]}" if row[2] > 1 and row[1] != i + 1 else ("leads" if row[2] > 1 else "own")
-        ft = f"{gn.FEATURE_SHARING[row[4]]} of {row[3]}" if row[4] > 1 and row[3] != i + 1 else ("leads" if row[4] > 1 else "own")
-        print(f"{i + 1:>3}  {gn.lookup(row).name:<13}{fz:<12}{ft:<12}{layer.param_count():>10,}"
+    g = model.genome
+    print(f"{gn.summary(g)}\n{'#':>3}  {'class':<13}{'featurizer':<12}{'features':<14}{'params':>10}{'cache (bf16)':>14}")
+    for i, layer in enumerate(model.livs):
+        fz = sharing_cell(g, i, 1, 2, "weights")
+        ft = sharing_cell(g, i, 3, 4, ", ".join(gn.FEATURE_SHARING[g[i, 4]]))
+        print(f"{i + 1:>3}  {gn.lookup(g[i]).name:<13}{fz:<12}{ft:<14}{layer.param_count():>10,}"
               f"{layer.cache_bytes(1, preset.seq_len, 2):>14,}")
     total, non_emb = param_counts(model)
     print(f"total: {total:,} parameters ({non_emb:,} without embeddings), "
           f"cache {cache_bytes(model, preset.seq_len):,} bytes at {preset.seq_len} tokens")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default in --help, unless it has none (None, or off)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors and exit code 1 (not a usage block and code 2)."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
-        sys.exit(f"error: {message}")
+        fail(message)
 
 
 def main(argv=None):
     parser = Parser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("train", "show"):
-        p = sub.add_parser(name)
+    sub = parser.add_subparsers(dest="command", metavar="{train,show,sample}")
+    for name, what in (("train", "train one architecture, print its validation perplexity"),
+                       ("show", "list an architecture's LIVs, sharing, parameters and cache")):
+        p = sub.add_parser(name, help=what, description=what)
         source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--genome", help="genome JSON file or compact form")
+        source.add_argument("--genome", help="genome JSON file or compact form, e.g. 1.1.1.1.1-9.2.1.2.1")
         source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}")
         add_preset_args(p)
         p.add_argument("--data", help="a .txt (bytes) or .bin (uint16 tokens) file; default: embedded Shakespeare")
-        p.add_argument("--vocab-size", type=int)
-        p.add_argument("--device", default=None)
-        p.add_argument("--save", help="write the trained model to this checkpoint")
-    p = sub.add_parser("sample")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--vocab-size", type=number("vocab_size"), help="vocabulary of a .bin token file")
+        if name == "train":
+            p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+            p.add_argument("--save", help="write the trained model to this checkpoint file")
+    what = "generate text from a checkpoint written by train --save"
+    p = sub.add_parser("sample", help=what, description=what)
+    p.add_argument("--checkpoint", required=True, help="a file written by star.py train --save")
+    p.add_argument("--prompt", default="\n", help="text, or space-separated token ids for a token model")
+    p.add_argument("--tokens", type=number("tokens"), default=None,
+                   help="tokens to generate (default 200, or what a long-convolution model's filter has room for)")
+    p.add_argument("--temperature", type=number("temperature"), default=0.8, help="sampling temperature")
+    p.add_argument("--top-k", type=number("top_k"), default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=number("seed"), default=0, help="sampling seed")
     args = parser.parse_args(argv)
+    if args.command is None:  # no command: list them
+        parser.print_help(sys.stderr)
+        sys.exit(1)
     try:
         run(args)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
+
+
+def prompt_ids(model, text):
+    """The prompt as token ids: UTF-8 bytes for a byte model, space-separated ids for a token model."""
+    vocab = model.embed.num_embeddings
+    if vocab == 256:
+        prompt = list(text.encode("utf-8"))
+    else:
+        try:
+            prompt = [int(t) for t in text.split()]
+        except ValueError:
+            prompt = [-1]
+        if not all(0 <= t < vocab for t in prompt):
+            raise ValueError(f"this model reads tokens: --prompt is space-separated ids below {vocab}")
+    if not prompt:
+        raise ValueError("--prompt is empty")
+    return prompt
 
 
 def run(args):
     if args.command == "sample":
         model, preset = load_checkpoint(args.checkpoint)
-        if args.tokens < 1:
-            raise ValueError("--tokens must be at least 1")
-        vocab = model.embed.num_embeddings
-        if vocab == 256:
-            prompt = list(args.prompt.encode("utf-8"))
-        else:  # a token model: the prompt is token ids
-            try:
-                prompt = [int(t) for t in args.prompt.split()]
-            except ValueError:
-                prompt = [-1]
-            if not prompt or not all(0 <= t < vocab for t in prompt):
-                raise ValueError(f"this model reads tokens: --prompt is space-separated ids below {vocab}")
-        if not prompt:
-            raise ValueError("--prompt is empty")
-        idx = torch.tensor([prompt])
-        if idx.size(1) + args.tokens > preset.seq_len and any(l.cfg.mixer == "long_conv" for l in model.livs):
+        prompt = prompt_ids(model, args.prompt)
+        room = preset.seq_len - len(prompt) if any(l.cfg.mixer == "long_conv" for l in model.livs) else 200
+        tokens = args.tokens or min(200, room)
+        if tokens > room:
             raise ValueError(f"prompt + tokens exceed the model's long-filter length {preset.seq_len}")
-        out = generate(model, idx, args.tokens, args.temperature, args.top_k,
+        out = generate(model, torch.tensor([prompt]), tokens, args.temperature, args.top_k,
                        generator=torch.Generator().manual_seed(args.seed))[0].tolist()
         print(bytes(out).decode("utf-8", errors="replace") if model.embed.num_embeddings == 256 else " ".join(map(str, out)))
         return
     preset = preset_from_args(args)
     g = genome_from_args(args, preset.n_livs)
+    check_preset(preset, g)
     if args.command == "show":
         show(g, preset, args.vocab_size or 256)
         return
-    corpus = Corpus(args.data, args.vocab_size)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"training {gn.summary(g)} ({len(g)} LIVs) on {device}, preset {args.preset}: "
-          f"{preset.steps} steps of {preset.batch_size} x {preset.seq_len} tokens", flush=True)
+    device = resolve_device(args.device)
+    if args.save:
+        output_file(args.save, "checkpoint")
+    corpus = Corpus(args.data, args.vocab_size).check(preset)
+    print(f"training {gn.summary(g)} ({len(g)} LIVs) on {device}, preset {preset_name(args.preset)}\n"
+          f"{budget_note(corpus, preset)}", flush=True)
     result = train_candidate(g, corpus, preset, device, log=lambda s: print(s, flush=True), save=args.save)
     print(json.dumps({"genome": gn.to_compact(g), **result}))
     if result["status"] != "ok":
-        sys.exit(1)
+        fail(f"training failed: {result.get('error')}")
 
 
 if __name__ == "__main__":

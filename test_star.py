@@ -207,7 +207,7 @@ def test_text_forms_round_trip():
     for _ in range(50):
         g = gn.random_genome(int(rng.integers(1, 30)), rng)
         assert (gn.from_compact(gn.to_compact(g)) == g).all()
-        assert (gn.from_json(gn.to_json(g)) == g).all()
+        assert (gn.from_json(json.loads(gn.to_json(g))) == g).all()
     assert gn.summary(gn.baseline("transformer++", 24)) == "SA-1 GMemless | x12"
 
 
@@ -422,28 +422,6 @@ def test_star_cli_train_show_sample(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith("ROMEO:")
 
 
-@pytest.mark.parametrize("args", [
-    ["train", "--baseline", "gpt5"],
-    ["train", "--genome", "1.2.3"],
-    ["train", "--genome", "missing.json"],
-    ["train", "--baseline", "transformer++", "--data", "nowhere.txt"],
-    ["train", "--baseline", "transformer++", "--preset", "huge"],
-    ["show", "--genome", "99.1.1.1.1"],
-    ["sample", "--checkpoint", "missing.pt"],
-])
-def test_star_cli_bad_input_is_one_line(args, tmp_path):
-    out = run_cli("star.py", *args)
-    assert out.returncode == 1
-    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:")
-
-
-def test_corrupt_checkpoint_is_one_line(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    out = run_cli("star.py", "sample", "--checkpoint", str(bad))
-    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
-
-
 # ---------------------------------------------------------------------------------------------
 # evolve.py: NSGA-II and the search
 
@@ -535,7 +513,7 @@ def test_search_writes_every_output(tmp_path, capsys):
     assert "gen  1 cand" in out and "generation 1 done" in out and "turnover" in out
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     evolve.main(search_args(tmp_path / "straight"))
     calls, original = [0], star.train_candidate
 
@@ -546,8 +524,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(star, "train_candidate", killed_at_the_sixth)
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(SystemExit):
         evolve.main(search_args(tmp_path / "killed"))
+    assert "--resume" in capsys.readouterr().err
     monkeypatch.setattr(star, "train_candidate", original)
     evolve.main(["--resume", str(tmp_path / "killed")])
 
@@ -594,18 +573,6 @@ def test_quality_latency_objective_measures_latency(tmp_path):
     evaluations = read_evaluations(tmp_path)
     assert all(e["latency_ms"] > 0 for e in evaluations if e["status"] == "ok")
     assert "latency_ms = prefill" in (tmp_path / "report.md").read_text()
-
-
-def test_evolve_bad_input_is_one_line(tmp_path):
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    (corrupt / "checkpoint.json").write_text("{not json")
-    cases = [["--objective", "speed"], ["--population", "1"], ["--data", str(tmp_path / "none.txt")],
-             ["--resume", str(tmp_path / "nothing")], ["--resume", str(corrupt)]]
-    for args in cases:
-        out = run_cli("evolve.py", *args)
-        assert out.returncode == 1, (args, out.stderr)
-        assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
 
 
 def test_resume_with_conflicting_settings_is_refused(tmp_path):
@@ -727,3 +694,219 @@ def test_compiled_blocks_are_reused_by_later_models(corpus):
     second = star.train_candidate(gn.repair([[9, 1, 1, 1, 1], [1, 2, 1, 2, 1], [9, 3, 1, 3, 1]]), corpus, preset, "cpu")
     assert first["status"] == second["status"] == "ok"
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 1, before any work
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """Malformed files of every kind the commands read, by name."""
+    d = tmp_path_factory.mktemp("bad")
+    files = {"notutf8.json": b"\xff\xfe[[1, 1]]", "nested.json": b"[" * 100000, "notjson.json": b"{not json",
+             "inf.json": b'{"genome": [[1, 1, 1, 1, 1e999]]}', "nan.json": b'{"genome": [[1, 1, 1, 1, NaN]]}',
+             "float.json": b"[[1, 1, 1, 1, 1.5]]", "big.json": b"[[1, 1, 1, 1, 99999999999999999999]]",
+             "bool.json": b"[[1, 1, 1, 1, true]]", "nogenome.json": b'{"rows": [[1, 1, 1, 1, 1]]}',
+             "fake.txt.gz": b"not gzip at all" * 100, "odd.bin": b"\x01" * 3001, "empty.txt": b"",
+             "short.txt": b"hello", "file.txt": b"x" * 5000, "bad.pt": b"not a checkpoint"}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    (d / "dir").mkdir()
+    (d / "corrupt").mkdir()
+    (d / "corrupt" / "checkpoint.json").write_text("{not json")
+    (d / "deep").mkdir()
+    (d / "deep" / "checkpoint.json").write_text("[" * 100000)
+    return {name.split(".")[0]: str(d / name) for name in list(files) + ["dir", "corrupt", "deep"]} | {"d": str(d)}
+
+
+T = ["train", "--baseline", "transformer++"]
+L = ["latency", "--baseline", "transformer++"]
+BAD_INPUTS = [  # (command, arguments); {name} is a file of the `bad` fixture
+    ("star.py", ["train", "--baseline", "gpt5"]), ("star.py", ["train", "--genome", "1.2.3"]),
+    ("star.py", ["train", "--genome", "missing.json"]), ("star.py", ["train", "--genome", "{dir}"]),
+    ("star.py", ["train", "--genome", "{notutf8}"]), ("star.py", ["train", "--genome", "{nested}"]),
+    ("star.py", ["train", "--genome", "{notjson}"]), ("star.py", ["train", "--genome", "{inf}"]),
+    ("star.py", ["train", "--genome", "{nan}"]), ("star.py", ["train", "--genome", "{float}"]),
+    ("star.py", ["train", "--genome", "{big}"]), ("star.py", ["train", "--genome", "{bool}"]),
+    ("star.py", ["train", "--genome", "{nogenome}"]), ("star.py", ["train", "--genome", "1.1.1.1.inf"]),
+    ("star.py", ["train", "--genome", "1.1.1.1.99999999999999999999"]), ("star.py", ["show", "--genome", "99.1.1.1.1"]),
+    ("star.py", ["show", "--genome", "1.1.1.1.1-9.1.2.1.1"]), ("star.py", ["show"]), ("star.py", ["train"]),
+    ("star.py", ["bogus"]), ("star.py", T + ["--data", "nowhere.txt"]), ("star.py", T + ["--data", "{dir}"]),
+    ("star.py", T + ["--data", "{fake}"]), ("star.py", T + ["--data", "{odd}", "--vocab-size", "1000"]),
+    ("star.py", T + ["--data", "{empty}"]), ("star.py", T + ["--data", "{short}"]),
+    ("star.py", T + ["--data", "{odd}"]), ("star.py", T + ["--data", "{file}", "--vocab-size", "1000"]),
+    ("star.py", T + ["--preset", "huge"]), ("star.py", T + ["--width", "0"]), ("star.py", T + ["--width", "63"]),
+    ("star.py", T + ["--heads", "0"]), ("star.py", T + ["--width", "36", "--heads", "12"]),
+    ("star.py", ["train", "--genome", "3.1.1.1.1", "--width", "72", "--heads", "9"]),
+    ("star.py", T + ["--n-livs", "0"]), ("star.py", T + ["--n-livs", "99999999999999999999"]),
+    ("star.py", T + ["--n-livs", "3"]), ("star.py", T + ["--seq-len", "1"]), ("star.py", T + ["--steps", "0"]),
+    ("star.py", T + ["--steps", "-5"]), ("star.py", T + ["--lr", "nan"]), ("star.py", T + ["--lr", "inf"]),
+    ("star.py", T + ["--lr", "0"]), ("star.py", T + ["--lr", "abc"]), ("star.py", T + ["--warmup", "-1"]),
+    ("star.py", T + ["--eval-batches", "0"]), ("star.py", T + ["--chunk", "0"]), ("star.py", T + ["--seed", "-1"]),
+    ("star.py", T + ["--seed", "1e3"]), ("star.py", T + ["--batch-size", "0"]), ("star.py", T + ["--vocab-size", "1"]),
+    ("star.py", T + ["--device", "tpu"]), ("star.py", T + ["--device", "cuda:0"] if not torch.cuda.is_available()
+                                            else T + ["--device", "cuda:999x"]),
+    ("star.py", T + ["--save", "{dir}"]), ("star.py", T + ["--save", "{file}/model.pt"]),
+    ("star.py", T + ["--seq-len", "1000000"]), ("star.py", ["sample", "--checkpoint", "missing.pt"]),
+    ("star.py", ["sample", "--checkpoint", "{bad}"]), ("star.py", ["sample", "--checkpoint", "{dir}"]),
+    ("star.py", ["sample", "--checkpoint", "{bad}", "--tokens", "0"]),
+    ("star.py", ["sample", "--checkpoint", "{bad}", "--temperature", "nan"]),
+    ("star.py", ["sample", "--checkpoint", "{bad}", "--top-k", "0"]),
+    ("evolve.py", ["--objective", "speed"]), ("evolve.py", ["--population", "1"]),
+    ("evolve.py", ["--population", "0"]), ("evolve.py", ["--generations", "0"]), ("evolve.py", ["--mutation", "1.5"]),
+    ("evolve.py", ["--mutation", "nan"]), ("evolve.py", ["--data", "nowhere.txt"]), ("evolve.py", ["--data", "{dir}"]),
+    ("evolve.py", ["--resume", "{d}/nothing"]), ("evolve.py", ["--resume", "{corrupt}"]),
+    ("evolve.py", ["--resume", "{deep}"]), ("evolve.py", ["--out", "{file}"]), ("evolve.py", ["--device", "tpu"]),
+    ("evolve.py", ["--width", "72", "--heads", "9"]), ("evolve.py", ["--vocab-size", "1"]),
+    ("evolve.py", ["--steps", "0"]), ("evolve.py", ["--seq-len", "1000000"]), ("evolve.py", ["--preset", "huge"]),
+    ("bench.py", L + ["--trace", "{dir}"]), ("bench.py", L + ["--trace", "{file}/t.json"]),
+    ("bench.py", L + ["--prompt-len", "0"]), ("bench.py", L + ["--decode-tokens", "-1"]),
+    ("bench.py", L + ["--reps", "0"]), ("bench.py", L + ["--warmup", "-1"]), ("bench.py", L + ["--batch", "0"]),
+    ("bench.py", ["latency", "--genome", "1.1.1.1.nan"]), ("bench.py", ["latency", "--genome", "{nested}"]),
+    ("bench.py", ["latency", "--genome", "3.1.1.1.1", "--width", "72", "--heads", "9"]),
+    ("bench.py", L + ["--dtype", "int8"]), ("bench.py", L + ["--n-livs", "3"]), ("bench.py", L + ["--device", "tpu"]),
+    ("bench.py", L + ["--preset", "huge"]), ("bench.py", ["train", "--baseline", "transformer++", "--peak-tflops", "-1"]),
+    ("bench.py", ["train", "--baseline", "transformer++", "--peak-tflops", "inf"]),
+    ("bench.py", ["train", "--baseline", "transformer++", "--seq-len", "0"]), ("bench.py", ["ops", "--width", "0"]),
+    ("bench.py", ["ops", "--width", "72", "--heads", "9"]), ("bench.py", ["suite", "--only", "foo"]),
+    ("bench.py", ["suite", "--search-steps", "0"]), ("bench.py", ["suite", "--out", "{file}"]),
+]
+MAINS = {"star.py": star.main, "evolve.py": evolve.main, "bench.py": bench.main}
+
+
+@pytest.mark.parametrize("command,args", BAD_INPUTS, ids=[f"{c} {' '.join(a)}"[:60] for c, a in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_1(command, args, bad, capsys):
+    with pytest.raises(SystemExit) as stop:  # any other exception (a traceback) fails the test
+        MAINS[command]([a.format(**bad) for a in args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_input_in_a_real_process(bad):
+    """The same, as a user sees it: a separate process, its stderr and exit code."""
+    for command, args in [("star.py", ["train", "--genome", bad["inf"]]), ("evolve.py", ["--population", "0"]),
+                          ("bench.py", ["suite", "--only", "foo"]), ("star.py", ["sample", "--checkpoint", bad["bad"]])]:
+        out = run_cli(command, *args)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+
+
+def test_star_without_a_command_lists_its_commands():
+    out = run_cli("star.py")
+    assert out.returncode == 1 and all(c in out.stderr for c in ("train", "show", "sample"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    evolve.main(search_args(out, "--generations", "1", "--population", "2"))
+    return out
+
+
+CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
+    (lambda s: s.update(version=7), "version"),
+    (lambda s: s["settings"]["preset"].update(width=-4), "--width"),
+    (lambda s: s["settings"]["preset"].update(heads=True), "--heads"),
+    (lambda s: s["settings"]["preset"].update(colour=1), "settings.preset"),
+    (lambda s: s["settings"].update(objective="speed"), "objective"),
+    (lambda s: s["settings"].update(population=1), "--population"),
+    (lambda s: s["settings"].update(mutation=float("nan")), "--mutation"),
+    (lambda s: s["settings"].pop("seed"), "seed"),
+    (lambda s: s.update(generation=-1), "generation"),
+    (lambda s: s.update(generation="0"), "generation"),
+    (lambda s: s["population"].append("99.1.1.1.1-9.2.1.2.1"), "population[2]"),
+    (lambda s: s["population"].append("1.1.1.1.1"), "population[2]"),
+    (lambda s: s.update(batch=[7]), "batch[0]"),
+    (lambda s: s["evaluations"][0].update(ppl="x"), "evaluations[0].ppl"),
+    (lambda s: s["evaluations"][0].update(ppl=None), "evaluations[0].ppl"),
+    (lambda s: s["evaluations"][0].update(status="maybe"), "evaluations[0].status"),
+    (lambda s: s["evaluations"][0].update(generation=5), "evaluations[0].generation"),
+    (lambda s: s["evaluations"][0].pop("compact"), "evaluations[0]"),
+    (lambda s: s["evaluations"][0].update(seconds=-1), "evaluations[0].seconds"),
+    (lambda s: s["baselines"].update(gpt5={}), "gpt5"),
+    (lambda s: s["baselines"]["transformer++"].update(params=1.5), "baselines.transformer++.params"),
+    (lambda s: s.update(rng={"bit_generator": "PCG64"}), "rng"),
+    (lambda s: s.update(rng=[1, 2]), "rng"),
+    (lambda s: s.update(elapsed=-3), "elapsed"),
+    (lambda s: s.update(evaluations={}), "evaluations"),
+]
+
+
+@pytest.mark.parametrize("damage,name", CHECKPOINT_DAMAGE, ids=[n for _, n in CHECKPOINT_DAMAGE])
+def test_damaged_checkpoint_is_refused_at_start_naming_the_field(damage, name, finished_run, tmp_path, capsys):
+    state = json.loads((finished_run / "checkpoint.json").read_text())
+    damage(state)
+    (tmp_path / "checkpoint.json").write_text(json.dumps(state))
+    with pytest.raises(SystemExit) as stop:
+        evolve.main(["--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and len(err.strip().splitlines()) == 1 and name in err, err
+    assert not (tmp_path / "evaluations.jsonl").exists()  # refused before anything was written
+
+
+def test_undamaged_checkpoint_passes_the_schema(finished_run):
+    evolve.check_state(json.loads((finished_run / "checkpoint.json").read_text()))
+
+
+def test_save_failure_is_reported_and_exits_1(tmp_path, monkeypatch, capsys):
+    def broken_save(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(SystemExit) as stop:
+        star.main(["train", "--baseline", "transformer++", "--steps", "2", "--n-livs", "2", "--eval-batches", "1",
+                   "--save", str(tmp_path / "m.pt")])
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert stop.value.code == 1 and result["status"] == "failed" and "No space left" in result["error"]
+    assert "No space left" in err and len(err.strip().splitlines()) == 1
+
+
+def test_search_where_everything_failed_exits_1_with_the_first_error(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated: no model builds")
+
+    monkeypatch.setattr(star, "build_model", broken)
+    with pytest.raises(SystemExit) as stop:
+        evolve.main(search_args(tmp_path, "--population", "2"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "simulated: no model builds" in err and len(err.strip().splitlines()) == 1
+    assert "Failed candidates" in (tmp_path / "report.md").read_text()
+    assert len(read_evaluations(tmp_path)) == 2  # generation 0 only: it stopped when nothing had trained
+
+
+def test_generate_on_a_bf16_model_equals_greedy_full_forward():
+    torch.manual_seed(0)
+    model = star.build_model(all_classes_genome(True), TINY).to(torch.bfloat16)
+    prompt = torch.randint(0, 256, (1, 5))
+    fast = star.generate(model, prompt, 4, greedy=True)
+    assert fast.shape == (1, 9)
+    with torch.no_grad():
+        first = model(prompt)[0][:, -1].argmax(-1)
+    assert fast[0, 5] == first[0]
+
+
+def test_long_bf16_decode_of_a_recurrence_stays_within_the_chunked_error():
+    """A decay of 0.999 is 1.0 in bf16: the step form keeps its state in float32, so that 2,048
+    decoded steps are as close to the float32 model as the bf16 chunked form is (a bf16 state
+    drifted by ~30% here)."""
+    layer = make_liv("Rec-1", width=64, chunk=64)
+    x = torch.randn(1, 2048, 64)
+    with torch.no_grad():
+        reference = layer(x)[0]
+        half = layer.to(torch.bfloat16)
+        xb = x.bfloat16()
+        chunked = half(xb)[0]
+        cache = half.init_cache(1, 2048, dtype=torch.bfloat16)
+        steps = torch.cat([half(xb[:, :1], cache=cache)[0]] + [half.step(xb[:, i: i + 1], cache)[0]
+                                                               for i in range(1, 2048)], 1)
+    assert rel_err(steps.float(), reference) < 2 * rel_err(chunked.float(), reference) + 1e-3
+
+
+def test_training_runs_under_bf16_autocast_on_the_cpu(corpus, monkeypatch):
+    """The GPU's mixed precision, here: dtype errors that only autocast would raise show up on the CPU."""
+    monkeypatch.setattr(star, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    result = star.train_candidate(all_classes_genome(True), corpus, TINY, "cpu")
+    assert result["status"] == "ok", result.get("error")
