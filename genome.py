@@ -205,6 +205,24 @@ def crossover(a, b, rng):
     return repair(c1), repair(c2)
 
 
+def scale(genome, n_livs, how):
+    """The genome at a depth that is a multiple of its own (Composer's two extrapolations): 'stack'
+    repeats the whole sequence, 'stretch' repeats each LIV in place. Each copy keeps the original
+    sharing pattern: its groups are led by the same copy of the original leader."""
+    g = as_array(genome)
+    n, copies = len(g), n_livs // len(g)
+    if n_livs < n or n_livs % n:
+        raise ValueError(f"--n-livs {n_livs} is not a multiple of the genome's {n} LIVs")
+    if how not in ("stack", "stretch"):
+        raise ValueError(f"--how {how!r}: choose stack or stretch")
+    at = (lambda i, c: c * n + i) if how == "stack" else (lambda i, c: i * copies + c)  # 0-based positions
+    out = np.empty((n_livs, GENES), dtype=np.int64)
+    for c in range(copies):
+        for i, row in enumerate(g):
+            out[at(i, c)] = [row[0], at(row[1] - 1, c) + 1, row[2], at(row[3] - 1, c) + 1, row[4]]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Text forms
 
@@ -283,6 +301,39 @@ def summary(genome):
         if len(labels) % period == 0 and labels == labels[:period] * (len(labels) // period):
             repeats = len(labels) // period
             return " ".join(labels[:period]) + (f" | x{repeats}" if repeats > 1 else "")
+
+
+UNITS = {  # what each base class computes, in words (reports and the README's legend)
+    "SA-1": "multi-head softmax attention with RoPE",
+    "SA-2": "SA-1 with a short causal convolution (3) on Q, K and V",
+    "SA-3": "grouped-query attention: 4 query heads per K/V head",
+    "SA-4": "multi-query attention: one K/V head",
+    "Rec-1": "gated linear recurrence with data-dependent decay, state 16 per head, short convolution on features",
+    "Rec-2": "Rec-1 with state 2 per head",
+    "GConv-1": "double-gated short convolution, y = C * conv3(B * V)",
+    "GConv-2": "double-gated long convolution, implicit filter as long as the sequence (Hyena)",
+    "GMemless": "SwiGLU MLP, hidden 8/3 of the width: no token mixing",
+}
+TOKEN_MIXING = {1: "diagonal", 2: "low-rank", 3: "scaled Toeplitz", 4: "semi-separable"}
+
+
+def legend():
+    """How to read genomes, summaries and classes, as markdown lines (the README has the same text)."""
+    rows = [f"| {c.name} | {'.'.join(map(str, c.operator))} | {TOKEN_MIXING[c.operator[1]]} | {UNITS[c.name]} |"
+            for c in _BASE + [GMEMLESS]]
+    return [
+        "A genome has one row of 5 genes per LIV (linear input-varying operator), in depth order: its class; its "
+        "featurizer-sharing group and strategy (1 none, 2 reuse all featurizer weights of the group's first LIV); its "
+        "feature-sharing group and strategy (1 none, 2 B and V, 3 B, 4 C and B: reuse features that the group's first "
+        "LIV computed). C, B and V are a LIV's query-, key- and value-like features. Compact form: LIVs joined by `-`, "
+        "genes by `.`, e.g. `1.1.1.1.1-9.2.1.2.1`.", "",
+        "Summaries: `SA-1<f3` reuses the featurizer weights of LIV 3; `SA-1<BV3` reads the B and V features of LIV 3 "
+        "(for attention: its K/V cache, so it keeps none); `x4` after a motif: it repeats 4 times.", "",
+        "| class | operator genome | token mixing | unit |", "|---|---|---|---|", *rows,
+        "| X-Diff | 10..17 | as X | differential X: two copies with their own C and B and a shared V, y1 - lambda * y2 "
+        "(lambda per head), then a per-head norm |", "",
+        "Baselines: Transformer++ repeats (SA-1, GMemless); StripedMamba repeats (Rec-1, GMemless, Rec-1, GMemless, "
+        "SA-1, GMemless); StripedHyena is StripedMamba with GConv-2 for Rec-1."]
 
 
 # ---------------------------------------------------------------------------------------------
