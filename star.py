@@ -668,7 +668,7 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     parser = Parser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{train,show,sample}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,show,sample,scale}")
     for name, what in (("train", "train one architecture, print its validation perplexity"),
                        ("show", "list an architecture's LIVs, sharing, parameters and cache")):
         p = sub.add_parser(name, help=what, description=what)
@@ -681,6 +681,16 @@ def main(argv=None):
         if name == "train":
             p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
             p.add_argument("--save", help="write the trained model to this checkpoint file")
+        else:
+            p.add_argument("--plot", help="also draw the architecture to this PNG file (needs matplotlib)")
+    what = "extrapolate a genome to a multiple of its depth: stack repeats it whole, stretch repeats each LIV"
+    p = sub.add_parser("scale", help=what, description=what)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--genome", help="genome JSON file or compact form")
+    source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)} (at --n-livs directly)")
+    p.add_argument("--n-livs", type=number("n_livs"), required=True, help="the new depth, a multiple of the genome's")
+    p.add_argument("--how", choices=["stack", "stretch"], default="stack", help="Composer's two extrapolations")
+    p.add_argument("--out", help="write the genome to this JSON file (default: print it)")
     what = "generate text from a checkpoint written by train --save"
     p = sub.add_parser("sample", help=what, description=what)
     p.add_argument("--checkpoint", required=True, help="a file written by star.py train --save")
@@ -729,11 +739,28 @@ def run(args):
                        generator=torch.Generator().manual_seed(args.seed))[0].tolist()
         print(bytes(out).decode("utf-8", errors="replace") if model.embed.num_embeddings == 256 else " ".join(map(str, out)))
         return
+    if args.command == "scale":
+        out = args.out and output_file(args.out, "genome file")
+        g = genome_from_args(args, args.n_livs)
+        g = gn.scale(g, args.n_livs, args.how) if args.genome else g
+        if out:
+            with open(out, "w") as f:
+                f.write(gn.to_json(g) + "\n")
+        print(f"{gn.summary(g)}\n{gn.to_compact(g)}" + (f"\nwritten to {out}" if out else ""))
+        return
     preset = preset_from_args(args)
     g = genome_from_args(args, preset.n_livs)
     check_preset(preset, g)
     if args.command == "show":
+        plot = args.plot and output_file(args.plot, "plot")
         show(g, preset, args.vocab_size or 256)
+        if plot:
+            try:
+                import plots
+            except ImportError:
+                raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+            plots.architecture([(gn.summary(g)[:40], g)], plot)
+            print(f"architecture drawn to {plot}")
         return
     device = resolve_device(args.device)
     if args.save:

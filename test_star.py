@@ -2,6 +2,7 @@
 exact formulas, the search against known fronts, and the command lines. Run: python -m pytest -q"""
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -910,3 +911,223 @@ def test_training_runs_under_bf16_autocast_on_the_cpu(corpus, monkeypatch):
     monkeypatch.setattr(star, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     result = star.train_candidate(all_classes_genome(True), corpus, TINY, "cpu")
     assert result["status"] == "ok", result.get("error")
+
+
+# ---------------------------------------------------------------------------------------------
+# The report, survival and settings (a newcomer's first hour)
+
+
+def markdown_tables(text):
+    """Every markdown table of a document as lists of rows of cells ('|' escaped by '\\|' stays in)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([c for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+CONFIRMED = ("--confirm-top", "2", "--n-livs", "4")  # 4 LIVs: baselines' summaries hold a '|'
+
+
+@pytest.fixture(scope="module")
+def confirmed_run(tmp_path_factory):
+    """A small finished search with its confirmation stage (12 steps against the search's 3)."""
+    out = tmp_path_factory.mktemp("confirmed")
+    evolve.main(search_args(out, *CONFIRMED))
+    return out
+
+
+def test_report_tables_render(confirmed_run):
+    report = (confirmed_run / "report.md").read_text()
+    tables = markdown_tables(report)
+    assert len(tables) >= 4
+    for rows in tables:
+        assert len({len(r) for r in rows}) == 1, rows  # every row has as many cells as the header
+    assert "\\| x" in report  # the summaries' '|' is escaped, not a column break
+
+
+def test_report_leads_with_the_confirmation(confirmed_run):
+    report = (confirmed_run / "report.md").read_text()
+    state = json.loads((confirmed_run / "checkpoint.json").read_text())
+    confirmed = [e for k, e in state["extra"].items() if k.startswith("confirm:")]
+    assert len(confirmed) == 4 and all(e["train_seconds"] > 0 for e in confirmed)  # top 2 + both baselines
+    assert report.index("## Confirmed result") < report.index("## Top 10")
+    for e in confirmed:
+        assert f"{e['ppl']:.3f}" in report.split("## Top 10")[0]
+    assert "Spearman" in report and ("still the best" in report or "no longer the best" in report)
+    best = gn.load(str(confirmed_run / "best_genome.json")).tolist()
+    evolved = [e for e in confirmed if e["compact"] not in {b["compact"] for b in state["baselines"].values()}]
+    assert best == min(evolved, key=lambda e: e["ppl"])["genome"]  # best_genome.json is the confirmed best
+
+
+def test_report_has_noise_floor_evolution_line_and_legend(confirmed_run):
+    report = (confirmed_run / "report.md").read_text()
+    evaluations = read_evaluations(confirmed_run)
+    best0 = min(e["ppl"] for e in evaluations if e["generation"] == 0 and e["status"] == "ok")
+    best = min(e["ppl"] for e in evaluations if e["status"] == "ok")
+    assert f"generation 0 reached ppl {best0:.3f}, the final best {best:.3f}" in report
+    assert "Noise floor" in report and "seed 1" in report
+    assert all(line in report for line in gn.legend())
+    readme = open("README.md").read()
+    assert all(line in readme for line in gn.legend()), "the README's legend differs from genome.legend()"
+
+
+def test_spearman_hand_worked():
+    assert evolve.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
+    # ties share their mean rank: ranks (1, 2.5, 2.5, 4), Pearson with (1, 2, 3, 4) = 4.5 / sqrt(5 * 4.5)
+    assert evolve.spearman([10, 20, 30, 40], [1, 2, 2, 3]) == pytest.approx(4.5 / np.sqrt(22.5))
+    assert evolve.spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
+    assert evolve.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(evolve.spearman([1], [2]))
+
+
+def test_confirmation_resumes_after_a_kill_in_the_middle(tmp_path, monkeypatch, capsys, confirmed_run):
+    calls, original = [0], star.train_candidate
+
+    def killed_in_the_confirmation(genome, corpus, preset, *args, **kwargs):
+        if preset.steps == 12:  # the confirmation's budget (4 x 3 steps)
+            calls[0] += 1
+            if calls[0] == 2:
+                raise KeyboardInterrupt
+        return original(genome, corpus, preset, *args, **kwargs)
+
+    monkeypatch.setattr(star, "train_candidate", killed_in_the_confirmation)
+    with pytest.raises(SystemExit):
+        evolve.main(search_args(tmp_path, *CONFIRMED))
+    assert sum(k.startswith("confirm:") for k in json.loads((tmp_path / "checkpoint.json").read_text())["extra"]) == 1
+    monkeypatch.setattr(star, "train_candidate", original)
+    evolve.main(["--resume", str(tmp_path)])
+
+    def confirmed(out):
+        extra = json.loads((out / "checkpoint.json").read_text())["extra"]
+        return {k: e["ppl"] for k, e in extra.items() if k.startswith("confirm:")}
+    assert confirmed(tmp_path) == confirmed(confirmed_run)  # as if it had never been killed
+    assert "## Confirmed result: 4 models" in (tmp_path / "report.md").read_text()
+
+
+def test_confirmation_can_be_skipped(tmp_path):
+    evolve.main(search_args(tmp_path, "--generations", "1", "--confirm-steps", "0"))
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert not any(k.startswith("confirm:") for k in state["extra"])
+    assert "Confirmation skipped" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("how", ["stack", "stretch"])
+def test_scale_keeps_classes_and_sharing_pattern(how):
+    rng = np.random.default_rng(11)
+    genomes = [all_classes_genome(True)] + [gn.canonical(gn.random_genome(6, rng)) for _ in range(30)]
+    assert any(((g[:, 2] > 1) & (g[:, 1] != np.arange(1, len(g) + 1))).any() for g in genomes)  # featurizer
+    assert any(((g[:, 4] > 1) & (g[:, 3] != np.arange(1, len(g) + 1))).any() for g in genomes)  # feature sharing
+    for g in genomes:
+        n, k = len(g), 3
+        s = gn.scale(g, k * n, how)
+        assert gn.validate(s) == [] and np.array_equal(gn.repair(s), s)
+        for c in range(k):
+            pos = np.arange(n) + c * n if how == "stack" else np.arange(n) * k + c  # copy c of each LIV
+            assert np.array_equal(s[pos][:, [0, 2, 4]], g[:, [0, 2, 4]])  # classes and strategies
+            for group in (1, 3):  # each copy's leaders are the same copy of the original leaders
+                assert np.array_equal(s[pos, group], pos[g[:, group] - 1] + 1)
+    with pytest.raises(ValueError):
+        gn.scale(gn.baseline("transformer++", 4), 6, "stack")
+
+
+def test_star_scale_command_writes_a_valid_genome(tmp_path):
+    out = tmp_path / "scaled.json"
+    star.main(["scale", "--genome", "1.1.2.1.2-9.2.1.2.1-1.1.2.1.2-5.4.1.4.1", "--n-livs", "8", "--how", "stretch",
+               "--out", str(out)])
+    g = gn.load(str(out))
+    assert len(g) == 8 and gn.validate(g) == [] and gn.summary(g).startswith("SA-1 SA-1 GMemless GMemless")
+
+
+def is_png(path):
+    data = open(path, "rb").read()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_figures_are_valid_pngs(confirmed_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    for name in ("architecture", "progress", "confirmation"):
+        assert is_png(confirmed_run / f"{name}.png"), name
+        assert f"![{name}]({name}.png)" in (confirmed_run / "report.md").read_text()
+    evolve.main(search_args(tmp_path / "front", "--objective", "quality-size", "--generations", "1",
+                            "--confirm-steps", "0"))
+    assert is_png(tmp_path / "front" / "front.png")
+    star.main(["show", "--genome", gn.to_compact(all_classes_genome(True)), "--plot", str(tmp_path / "a.png")])
+    assert is_png(tmp_path / "a.png")
+
+
+def test_report_says_how_to_get_figures_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.delitem(sys.modules, "plots", raising=False)
+    evolve.main(search_args(tmp_path, "--generations", "1", "--confirm-steps", "0"))
+    assert "pip install matplotlib" in (tmp_path / "report.md").read_text()
+    assert not list(tmp_path.glob("*.png"))
+
+
+def fake_run(ppl, population, batch, objective="quality"):
+    settings = {"objective": objective, "population": len(population) or len(batch), "seed": 0}
+    run = evolve.Run("unused", settings)
+    run.population, run.batch = population, batch
+    run.evaluations = [{"key": evolve.model_key(c), "status": "ok", "ppl": p, "compact": c} for c, p in ppl.items()]
+    return run
+
+
+def test_survival_keeps_distinct_models():
+    a, b, c, d = "1.1.1.1.1-9.2.1.2.1", "5.1.1.1.1-9.2.1.2.1", "7.1.1.1.1-9.2.1.2.1", "9.1.1.1.1-9.2.1.2.1"
+    a_again = "1.1.2.1.1-9.2.1.2.1"  # a lone featurizer 'leader': the same model as a
+    assert evolve.model_key(a) == evolve.model_key(a_again)
+    run = fake_run({a: 2.0, b: 5.0, c: 3.0, d: 4.0}, [a, b], [a_again, a, c, d])
+    chosen = evolve.next_population(run)
+    assert len(chosen) == 2 and len({evolve.model_key(x) for x in chosen}) == 2 and a in chosen
+    run = fake_run({a: 1.0}, [], [a, a_again, a])  # fewer distinct models than places: duplicates fill them
+    assert sorted(map(evolve.model_key, evolve.next_population(run))) == [evolve.model_key(a)] * 3
+
+
+def test_threads_are_a_setting_applied_on_resume(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        evolve.main(search_args(tmp_path, "--generations", "1", "--confirm-steps", "0", "--threads", "1"))
+        assert json.loads((tmp_path / "checkpoint.json").read_text())["settings"]["threads"] == 1
+        torch.set_num_threads(2)
+        evolve.main(["--resume", str(tmp_path), "--generations", "2"])
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SystemExit):
+            evolve.main(["--resume", str(tmp_path), "--threads", "2"])
+        assert "--threads 2 conflicts" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_progress_lines_while_a_model_trains(corpus, monkeypatch):
+    monkeypatch.setattr(star, "PROGRESS_SECONDS", 0.0)
+    lines = []
+    star.train_candidate(gn.baseline("transformer++", 2), corpus, dataclasses.replace(TINY, steps=20), "cpu",
+                         log=lines.append)
+    assert len(lines) >= 5 and all(re.search(r"step \d+/20  loss \d+\.\d+  [\d,]+ tok/s  \d+ s left", l) for l in lines)
+
+
+def test_show_says_leads_only_for_a_liv_that_is_shared_from(capsys):
+    lone = gn.repair([[1, 1, 2, 1, 1], [9, 2, 1, 2, 1]])  # strategy 2 but no follower
+    star.show(lone, TINY)
+    assert "leads" not in capsys.readouterr().out
+    star.show(gn.repair([[1, 1, 2, 1, 2], [1, 1, 2, 1, 2]]), TINY)
+    out = capsys.readouterr().out
+    assert out.count("leads") == 2 and "weights of LIV 1" in out and "B, V of LIV 1" in out
+
+
+def test_sample_default_length_fits_a_long_convolution_model(tmp_path):
+    ckpt = str(tmp_path / "hyena.pt")
+    out = run_cli("star.py", "train", "--baseline", "striped-hyena", "--steps", "2", "--n-livs", "2", "--seq-len", "32",
+                  "--eval-batches", "1", "--save", ckpt)
+    assert out.returncode == 0, out.stderr
+    out = run_cli("star.py", "sample", "--checkpoint", ckpt, "--prompt", "AB")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.rstrip("\n").encode("utf-8", errors="replace")) >= 2
+
+
+def test_help_shows_true_defaults():
+    out = run_cli("evolve.py", "--help").stdout
+    assert "tiny 8, gpu 16" in out and "tiny 120, gpu 2000" in out and "(default: auto)" in out
