@@ -1,4 +1,4 @@
-"""STAR's evolutionary search (paper section 4.2; STAR_SPEC.md section 5): NSGA-II over backbone genomes.
+"""STAR's evolutionary search (paper section 4.2; README: "Where we depart from the paper"): NSGA-II over genomes.
 
     python evolve.py --objective quality            # lowest validation perplexity
     python evolve.py --objective quality-cache      # Pareto front of perplexity and cache bytes
@@ -400,11 +400,13 @@ class StoreWorkers(Workers):
 
 
 def distributed():
-    """(store, rank, world size) under torchrun, through its env:// rendezvous; else (None, 0, 1)."""
+    """(store, rank, world size) under torchrun, through its env:// rendezvous; else (None, 0, 1).
+    The store outlives a restart of the group: keys are namespaced by torchrun's restart count."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, 0, 1
     import torch.distributed as dist
-    return next(dist.rendezvous("env://"))
+    store, rank, world = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"star/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world
 
 
 def wait_get(store, key):
@@ -420,7 +422,7 @@ def serve(store, rank, world):
     if "abort" in settings:  # rank 0 refused the run; it prints why
         sys.exit(1)
     torch.set_num_threads(settings["threads"])
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if settings["device"] == "cuda" else "cpu"
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if settings["device"].startswith("cuda") else "cpu"
     log(f"worker pid {os.getpid()} on {device}, {settings['threads']} thread(s)")
     workers = StoreWorkers(Evaluator(settings, device, log), store, rank, world)
     for n in itertools.count():
@@ -925,8 +927,8 @@ def main(argv=None):
         if run.settings["objective"] == "quality-latency":
             import bench
             run.settings["latency_note"] = bench.search_latency_note(device)
-        evaluator = Evaluator(run.settings, "cuda:0" if world > 1 and device == "cuda" else device,
-                              log if world == 1 else lambda s: log(f"[rank 0] {s}"))
+        local = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and device.startswith("cuda") else device
+        evaluator = Evaluator(run.settings, local, log if world == 1 else lambda s: log(f"[rank 0] {s}"))
         star.output_dir(run.out)  # created only once everything else has been checked
     except ValueError as e:
         if store is not None:
