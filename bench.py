@@ -311,7 +311,7 @@ def recurrence_vs_loop(args, device):
 
 
 SECTIONS = ("ops", "train", "latency", "search")
-SHAPES = {  # the reference shapes of ANCHORS.md, and a smoke-test size that runs on a CPU in seconds
+SHAPES = {  # reference shapes (plain-PyTorch yardsticks measured on an H200), and a smoke-test size that runs on a CPU in seconds
     "reference": {"ops": ["--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12"],
                   "model": ["--width", "768", "--heads", "12", "--n-livs", "24"],
                   "train": ["--batch", "16", "--seq-len", "1024", "--vocab-size", "50304"],

@@ -1,4 +1,4 @@
-"""The STAR genome (paper section 4; STAR_SPEC.md sections 2 to 4): its three levels as data,
+"""The STAR genome (paper section 4; the README's legend reads it): its three levels as data,
 validation and repair, the variation operators, text forms and the baselines.
 
 - Featurizer genome: per class, how features are computed (`FEATURIZERS`: expansion, repeat
@@ -39,7 +39,7 @@ class LIVClass:
                 "long_conv": "CBV", "gated": "CV"}[self.mixer]
 
 
-# Token mixing codes (spec section 1): 1 diagonal, 2 low-rank, 3 scaled Toeplitz, 4 semi-separable.
+# Token mixing codes (paper section 3): 1 diagonal, 2 low-rank, 3 scaled Toeplitz, 4 semi-separable.
 # Nonlinearity codes (ours beyond the paper's examples): 1 identity, 2 softmax, 4 SiLU.
 # Channel mixing: 1 diagonal, 2 dense, 3 grouped (heads). Sparsity: 1 none, 2 banded.
 _BASE = [
@@ -115,7 +115,7 @@ _SHARING = [  # (group column, strategy column, can lead, can follow leader)
 
 
 def repair(genome):
-    """A valid genome, deterministically (spec section 2): genes clipped to their ranges, groups
+    """A valid genome, deterministically (paper section 4.1): genes clipped to their ranges, groups
     renamed after their leader (first member in depth), impossible sharing reset to none."""
     g = as_array(genome).copy()
     for col, (lo, hi) in enumerate(allowed_values(len(g))):
@@ -337,7 +337,7 @@ def legend():
 
 
 # ---------------------------------------------------------------------------------------------
-# Baselines (spec section 4)
+# Baselines (paper section 5: Transformer++ and striped hybrids)
 
 
 def _striped(n_livs, pattern):

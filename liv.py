@@ -1,4 +1,4 @@
-"""The LIV operator family (STAR, arXiv 2411.17800, section 3 of the paper; STAR_SPEC.md sections 1 and 3).
+"""The LIV operator family (STAR, arXiv 2411.17800, section 3 of the paper).
 
 A linear input-varying operator maps x (length l, width d) to y_i = sum_j T_ij(x) x_j. Every LIV
 here is built the same way:
@@ -564,7 +564,7 @@ class LIV(nn.Module):
         return cache
 
     def cache_bytes(self, batch, seq_len, bytes_per_element=4):
-        """Inference-cache size for `batch` sequences of `seq_len` tokens (spec section 5)."""
+        """Inference-cache size for `batch` sequences of `seq_len` tokens (the quality-cache objective)."""
         shared, sizes = set(self.shared_groups), self.feature_sizes()
         numel = sum(m.cache_numel(batch, seq_len, shared | ({"V"} if i else set()))
                     for i, m in enumerate(self.mixers))

@@ -232,7 +232,7 @@ class Model(nn.Module):
     def compile_blocks(self, enabled=True):
         """Compile per residual block rather than per model: a block's graph depends only on its
         LIV variant, so it is compiled once and reused by every later model of the search (a new
-        whole model costs 17-26 s of compilation: ANCHORS.md). Eager again with enabled=False."""
+        whole model costs 17-26 s of compilation on an H200). Eager again with enabled=False."""
         if enabled:
             allow_many_graphs()
             COMPILED.setdefault("block", torch.compile(residual_block))
@@ -293,7 +293,7 @@ def param_counts(model):
 
 
 def cache_bytes(model, seq_len, batch=1, bytes_per_element=2):
-    """Inference-cache bytes at a sequence length (spec section 5; bf16 elements by default)."""
+    """Inference-cache bytes at a sequence length (the quality-cache objective; bf16 elements by default)."""
     return sum(layer.cache_bytes(batch, seq_len, bytes_per_element) for layer in model.livs)
 
 
@@ -370,6 +370,9 @@ class Corpus:
                                  f"--seq-len {preset.seq_len}")
         return self
 
+    def score(self, model, preset, device):
+        return {"ppl": evaluate(model, self, preset, device)}
+
     def passes(self, preset):
         """How many times one candidate's training budget reads the train split."""
         return preset.steps * preset.batch_size * preset.seq_len / len(self.train)
@@ -433,8 +436,9 @@ def evaluate(model, corpus, preset, device):
 
 
 def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
-    """Train one architecture and score it. Never raises for a bad candidate: a NaN/inf loss, an
-    out-of-memory error or any exception gives status 'failed' with the error."""
+    """Train one architecture on a data source (a Corpus, or a probe task) and score it. Never raises
+    for a bad candidate: a NaN/inf loss, an out-of-memory error or any exception gives status
+    'failed' with the error."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {"status": "failed", "ppl": None, "params": None, "cache_bytes": None,
               "train_seconds": 0.0, "tokens_per_second": 0.0}
@@ -479,12 +483,12 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        ppl = evaluate(model, corpus, preset, device)
-        if not math.isfinite(ppl) or ppl >= math.exp(50.0):
-            raise Diverged(f"validation perplexity is {ppl}")
+        scores = corpus.score(model, preset, device)  # {'ppl': ...}, or {'accuracy': ...} for a probe task
+        if not all(math.isfinite(v) for v in scores.values()) or scores.get("ppl", 0) >= math.exp(50.0):
+            raise Diverged(f"validation scores are {scores}")
         steady = seconds - result["first_step_seconds"]  # without the first (compiling) step
         tokens_per_second = (preset.steps - 1) * preset.batch_size * preset.seq_len / steady if steady > 0 else 0.0
-        result.update(ppl=ppl, train_seconds=seconds, tokens_per_second=tokens_per_second)
+        result.update(scores, train_seconds=seconds, tokens_per_second=tokens_per_second)
         if save:
             save_checkpoint(save, model, preset, corpus)
         result["status"] = "ok"  # only now: a model that could not be saved is not a success
