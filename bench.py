@@ -106,8 +106,8 @@ def liv_forward_flops(layer, seq_len):
 
 
 def training_flops_per_token(model, seq_len):
-    """6N-style count: 3 x (forward FLOPs of every LIV + the tied LM head)."""
-    head = 2 * model.embed.weight.numel()
+    """6N-style count: 3 x (forward FLOPs of every LIV + the LM head); the embedding is a lookup."""
+    head = 2 * model.lm_head.weight.numel()
     return 3 * (head + sum(liv_forward_flops(layer, seq_len) for layer in model.livs))
 
 
@@ -344,7 +344,8 @@ def suite_commands(args):
         ("latency", bench_py + ["latency", "--baseline", "transformer++"] + model + decode),
         ("latency", bench_py + ["latency", "--baseline", "striped-mamba"] + model + decode),
         ("search", evolve_py + ["--preset", "gpu", "--population", str(args.search_population), "--generations",
-                                "2", "--steps", str(args.search_steps), "--out", args.out] + shape["search"]),
+                                "2", "--steps", str(args.search_steps), "--confirm-steps", "0", "--out", args.out]
+         + shape["search"]),  # throughput and turnover: no confirmation stage
     ]
 
 

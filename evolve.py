@@ -30,6 +30,8 @@ OBJECTIVES = {  # all minimised
     "quality-size": ("ppl", "params"),
     "quality-cache": ("ppl", "cache_bytes"),
     "quality-latency": ("ppl", "latency_ms"),
+    "quality-recall": ("ppl", "recall_error"),  # recall_error = 1 - mean accuracy of the capability probes
+    "recall": ("recall_error",),
 }
 DEFAULTS = {"tiny": {"population": 8, "generations": 4}, "gpu": {"population": 16, "generations": 18}}
 BASELINES = ("transformer++", "striped-mamba")
@@ -204,7 +206,7 @@ def check_settings(s):
     for key, kinds in (("objective", (str,)), ("preset_name", (str,)), ("preset", (dict,)), ("population", (int,)),
                        ("generations", (int,)), ("mutation", (int, float)), ("seed", (int,)),
                        ("data", (str, type(None))), ("vocab_size", (int, type(None))), ("threads", (int,)),
-                       ("confirm_steps", (int,)), ("confirm_top", (int,))):
+                       ("confirm_steps", (int,)), ("confirm_top", (int,)), ("probes", (bool,))):
         field(s, key, kinds, "settings")
     if s["objective"] not in OBJECTIVES:
         raise ValueError(f"unknown objective {s['objective']!r}; choose from {', '.join(OBJECTIVES)}")
@@ -325,10 +327,16 @@ class Evaluator:
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
         self.device, self.log = device, log
         self.latency = settings["objective"] == "quality-latency"
+        self.probes = settings["probes"]
 
     def __call__(self, compact, stage="search"):
         start, genome = time.time(), gn.from_compact(compact)
         result = star.train_candidate(genome, self.corpus, self.presets[stage], self.device, self.log)
+        if self.probes and stage == "search" and result["status"] == "ok":
+            import probes  # the capability probes: a fresh model of the genome per task
+            scores = probes.probe(genome, self.preset, self.device)
+            result.update(probes=scores.get("accuracy"), recall_error=1 - scores["mean"] if "mean" in scores else None,
+                          **({"status": "failed", "error": scores["error"]} if scores["status"] != "ok" else {}))
         if self.latency and stage == "search" and result["status"] == "ok":
             import bench  # only the latency objective needs it
             try:
@@ -628,10 +636,11 @@ def turnover_note(run):
 
 
 def final_table(run):
-    """The front of the final population (several objectives) or the top 10 (one), by perplexity."""
+    """The front of the final population (several objectives; by perplexity) or the top 10 (one)."""
     ok = [e for e in run.evaluations if e["status"] == "ok"]
-    if len(OBJECTIVES[run.settings["objective"]]) == 1:
-        return sorted(ok, key=lambda e: e["ppl"])[:10]
+    keys = OBJECTIVES[run.settings["objective"]]
+    if len(keys) == 1:
+        return sorted(ok, key=lambda e: e[keys[0]])[:10]
     results = run.results
     front = [results[model_key(run.population[i])] for i in non_dominated_sort(run.objectives(run.population))[0]]
     return sorted({e["key"]: e for e in front if e["status"] == "ok"}.values(), key=lambda e: e["ppl"])
@@ -646,10 +655,11 @@ def confirmed_pairs(run):
 
 
 def best_genomes(run):
-    """(the search's best entry, the confirmed best entry or None)."""
+    """(the search's best entry, the confirmed best entry or None: confirmation retrains perplexity)."""
+    key = OBJECTIVES[run.settings["objective"]][0]
     ok = [e for e in run.evaluations if e["status"] == "ok"]
-    search_best = min(ok, key=lambda e: e["ppl"]) if ok else None
-    evolved = [(c["ppl"], e) for label, e, c in confirmed_pairs(run) if label.startswith("#")]
+    search_best = min(ok, key=lambda e: e[key]) if ok else None
+    evolved = [(c["ppl"], e) for label, e, c in confirmed_pairs(run) if label.startswith("#") and key == "ppl"]
     return search_best, (min(evolved, key=lambda pair: pair[0])[1] if evolved else None)
 
 
@@ -756,8 +766,11 @@ def write_report(run, figures=()):
     lines += confirmation_section(run) + context_lines(run)
     if "latency_ms" in keys:
         lines += [f"Latency: {s.get('latency_note', '')}", ""]
-    title = "Top 10 by perplexity" if len(keys) == 1 else "Pareto front of the final population"
-    extra_cols = ["latency ms"] if "latency_ms" in keys else []
+    title = f"Top 10 by {keys[0]}" if len(keys) == 1 else "Pareto front of the final population"
+    extra = [("latency ms", lambda e: f"{e['latency_ms']:.2f}")] if "latency_ms" in keys else []
+    if s["probes"]:
+        extra += [(f"{t} acc", lambda e, t=t: f"{e['probes'][t]:.2f}") for t in PROBE_TASKS]
+        extra += [("probe mean", lambda e: f"{1 - e['recall_error']:.2f}")]
     rows = []
     for label, e in [(f"#{i + 1} (gen {e['generation']})", e) for i, e in enumerate(top)] + \
             [(f"baseline {name}", e) for name, e in run.baselines.items()]:
@@ -765,10 +778,10 @@ def write_report(run, figures=()):
         margins = [pct(e["ppl"], b["ppl"]) if ok and b["status"] == "ok" else "-" for b in run.baselines.values()]
         rows.append([label, f"`{e['summary']}`", f"{e['ppl']:.3f}" if ok else "failed", *margins,
                      f"{e['params']:,}" if e["params"] else "-", f"{e['cache_bytes']:,}" if e["cache_bytes"] else "0"] +
-                    ([f"{e['latency_ms']:.2f}" if "latency_ms" in e else "-"] if extra_cols else []))
+                    [show_or_dash(fmt, e) for _, fmt in extra])
     lines += [f"## {title}, with the baselines (same budget: {s['preset']['steps']} steps, seed {s['seed']})", "",
               *table(["", "architecture", "ppl", *[f"ppl vs {n}" for n in run.baselines], "params", "cache bytes"]
-                     + extra_cols, rows)]
+                     + [name for name, _ in extra], rows)]
     lines += motif_section(run, top)
     failed = [e for e in run.evaluations if e["status"] != "ok"]
     if failed:
@@ -779,6 +792,16 @@ def write_report(run, figures=()):
                                         f"{run.out}` draws them."])
     lines += ["", "## Legend", ""] + gn.legend()
     atomic_write(os.path.join(run.out, "report.md"), "\n".join(lines) + "\n")
+
+
+PROBE_TASKS = ("recall", "noisy_recall", "selective_copy", "memorization")  # probes.TASKS, without importing torch
+
+
+def show_or_dash(fmt, entry):
+    try:
+        return fmt(entry)
+    except (KeyError, TypeError):  # not measured for this model (or it failed)
+        return "-"
 
 
 def motif_counts(compacts):
@@ -801,13 +824,28 @@ def motif_counts(compacts):
 def motif_section(run, top):
     c0, s0, _, n0 = motif_counts([e["compact"] for e in run.evaluations if e["generation"] == 0])
     c1, s1, pairs, n1 = motif_counts([e["compact"] for e in top])
-    return ["", "## Motifs: final front/top against the initial population", "",
+    return recall_motifs(run) + ["", "## Motifs: final front/top against the initial population", "",
             *table(["LIV class", "share of LIVs, final", "share of LIVs, initial"],
                    [[n, f"{100 * c1[n] / n1:.0f}%", f"{100 * c0[n] / n0:.0f}%"] for n, _ in (c1 + c0).most_common()]),
             "", *table(["sharing", "LIVs that share, final", "initial"],
                        [[n, f"{100 * s1[n] / n1:.0f}%", f"{100 * s0[n] / n0:.0f}%"] for n, _ in (s1 + s0).most_common()]),
             "", "Most frequent adjacent class pairs in the final front/top: " +
             (", ".join(f"{a} -> {b} ({n})" for (a, b), n in pairs.most_common(5)) or "none")]
+
+
+def recall_motifs(run):
+    """Which classes the recall-capable candidates (>= 90% on in-context recall) use, against all probed."""
+    probed = [e for e in run.evaluations if (e.get("probes") or {}).get("recall") is not None]
+    capable = [e for e in probed if e["probes"]["recall"] >= 0.9]
+    if not probed:
+        return []
+    c_all, _, _, n_all = motif_counts([e["compact"] for e in probed])
+    c_cap, _, _, n_cap = motif_counts([e["compact"] for e in capable])
+    return ["", f"## Capability: {len(capable)} of {len(probed)} probed candidates are recall-capable "
+                "(>= 90% on in-context recall)", "",
+            *table(["LIV class", "share of LIVs, recall-capable", "share of LIVs, all probed"],
+                   [[n, f"{100 * c_cap[n] / n_cap:.0f}%", f"{100 * c_all[n] / n_all:.0f}%"]
+                    for n, _ in (c_cap + c_all).most_common()])]
 
 
 def write_outputs(run, log=None):
@@ -848,6 +886,8 @@ def parse_args(argv):
                    help="steps of the confirmation stage (default 4x --steps; 0 skips it)")
     p.add_argument("--confirm-top", type=star.number("confirm_top"), default=None, metavar="K",
                    help="candidates confirmed beside the baselines (default 3)")
+    p.add_argument("--probes", action="store_true", default=None,
+                   help="also run the capability probes on every candidate (implied by the recall objectives)")
     p.add_argument("--threads", type=star.number("threads"), default=None, metavar="N",
                    help="torch threads per process, part of the run's settings (default: torch's, "
                         f"{torch.get_num_threads()} here)")
@@ -876,6 +916,7 @@ def settings_from_args(args, log):
                 "mutation": given(args.mutation, 0.1), "seed": preset.seed, "data": args.data,
                 "vocab_size": args.vocab_size, "threads": given(args.threads, torch.get_num_threads()),
                 "confirm_steps": given(args.confirm_steps, 4 * preset.steps), "confirm_top": given(args.confirm_top, 3)}
+    settings["probes"] = bool(args.probes) or "recall_error" in OBJECTIVES.get(settings["objective"], ())
     return check_settings(settings)
 
 
@@ -883,7 +924,8 @@ def check_resume_conflicts(args, saved):
     """Flags given with --resume must agree with the run's settings; --generations and the
     confirmation's flags may change (they do not alter what was trained)."""
     given = {"objective": args.objective, "population": args.population, "mutation": args.mutation,
-             "data": args.data, "vocab_size": args.vocab_size, "preset_name": args.preset, "threads": args.threads}
+             "data": args.data, "vocab_size": args.vocab_size, "preset_name": args.preset, "threads": args.threads,
+             "probes": args.probes}
     given.update({f.name: getattr(args, f.name) for f in dataclasses.fields(star.Preset)})
     for key, value in given.items():
         have = saved["preset"][key] if key in saved["preset"] else saved[key]
