@@ -40,9 +40,9 @@ class Preset:
     n_livs: int = 8
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 120
+    steps: int = 60
     lr: float = 3e-3
-    warmup: int = 12
+    warmup: int = 6
     eval_batches: int = 8
     chunk: int = 64
     compile: bool = False
@@ -50,8 +50,9 @@ class Preset:
 
 
 PRESETS = {
-    # CPU: ~6-17 s per candidate on 2 cores. With 4 heads, SA-3's repeat factor 4 leaves one K/V
-    # head, as SA-4 (MQA) has: the two classes differ only from 8 heads on (8 costs ~25% CPU time).
+    # CPU: 60 steps, so that the bare search with its 4x confirmation ends in ~10 minutes on 2 cores
+    # (a candidate trains at 0.1-0.25 s per step there). With 4 heads, SA-3's repeat factor 4 leaves
+    # one K/V head, as SA-4 (MQA) has: the two differ only from 8 heads on (8 cost ~25% more time).
     "tiny": Preset(),
     # One GPU: thin-deep proxies (paper section 5.3: full depth, reduced width), byte-level.
     "gpu": Preset(width=256, heads=8, n_livs=24, seq_len=1024, batch_size=32, steps=2000, lr=1e-3,

@@ -1147,7 +1147,7 @@ def test_sample_default_length_fits_a_long_convolution_model(tmp_path):
 
 def test_help_shows_true_defaults():
     out = run_cli("evolve.py", "--help").stdout
-    assert "tiny 8, gpu 16" in out and "tiny 120, gpu 2000" in out and "(default: auto)" in out
+    assert "tiny 8, gpu 16" in out and "tiny 60, gpu 2000" in out and "(default: auto)" in out
 
 
 # ---------------------------------------------------------------------------------------------
