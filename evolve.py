@@ -270,7 +270,7 @@ def check_state(state):
     s = check_settings(field(state, "settings", (dict,), "checkpoint"))
     n = (s["preset"]["n_livs"],)
     depths = n + (max(2, n[0] // 2 * 2),)  # candidates, and baselines (an even depth)
-    if not 0 <= field(state, "generation", (int,), "checkpoint") < max(s["generations"], state["generation"] + 1):
+    if field(state, "generation", (int,), "checkpoint") < 0:
         raise ValueError(f"generation {state['generation']} is negative")
     for key in ("population", "batch"):
         for i, compact in enumerate(field(state, key, (list,), "checkpoint")):
@@ -334,7 +334,7 @@ class Evaluator:
         result = star.train_candidate(genome, self.corpus, self.presets[stage], self.device, self.log)
         if self.probes and stage == "search" and result["status"] == "ok":
             import probes  # the capability probes: a fresh model of the genome per task
-            scores = probes.probe(genome, self.preset, self.device)
+            scores = probes.probe(genome, self.preset, self.device, log=self.log)
             result.update(probes=scores.get("accuracy"), recall_error=1 - scores["mean"] if "mean" in scores else None,
                           **({"status": "failed", "error": scores["error"]} if scores["status"] != "ok" else {}))
         if self.latency and stage == "search" and result["status"] == "ok":
@@ -610,7 +610,8 @@ def confirm(run, workers, log):
 
 def report_generation(run, log):
     F = run.objectives(run.population)
-    log(f"generation {run.generation} done: best ppl {F[:, 0].min():.3f}, front {len(non_dominated_sort(F)[0])}, "
+    log(f"generation {run.generation} done: best {OBJECTIVES[run.settings['objective']][0]} {F[:, 0].min():.3f}, "
+        f"front {len(non_dominated_sort(F)[0])}, "
         f"{run.elapsed() / 60:.1f} min so far{turnover_note(run)}")
     write_outputs(run)
 

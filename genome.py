@@ -1,8 +1,8 @@
 """The STAR genome (paper section 4; the README's legend reads it): its three levels as data,
 validation and repair, the variation operators, text forms and the baselines.
 
-- Featurizer genome: per class, how features are computed (`FEATURIZERS`: expansion, repeat
-  factor, short convolution, state size).
+- Featurizer genome: per class, how features are computed (`LIVClass.featurizer`: expansion,
+  repeat factor, short convolution, state size).
 - Operator genome: 5 integers per LIV class (featurizer class, token mixing, sparsity mask,
   nonlinearity, channel mixing), in the 17-class `CATALOGUE`.
 - Backbone genome: an (n_livs, 5) integer array, one row per LIV in depth:

@@ -126,7 +126,7 @@ def probe(genome, preset, device="cpu", tasks=tuple(TASKS), log=None):
     accuracy = {}
     for name in tasks:
         task = TASKS[name]
-        result = star.train_candidate(genome, task, task.preset(preset), device)
+        result = star.train_candidate(genome, task, task.preset(preset), device, log)
         if result["status"] != "ok":
             return {"status": "failed", "error": f"probe {name}: {result.get('error')}"}
         accuracy[name] = result["accuracy"]
