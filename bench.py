@@ -66,15 +66,13 @@ def compiled(fn, use_compile, name):
 
 
 def class_table(prof, device):
-    """Rows of (class, calls, total ms) for the 'liv:<class>' labels of a profile."""
-    rows = []
-    for event in prof.key_averages():
-        if event.key.startswith("liv:"):
-            if device.type == "cuda":
-                us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-            else:
-                us = event.cpu_time_total
-            rows.append((event.key[4:], event.count, us / 1e3))
+    """Rows of (class, calls, total ms) for the 'liv:<class>' labels of a profile. On CUDA each label
+    is recorded twice, as a host range and as its span on the GPU: the GPU span is the one kept
+    (the host range's device total counted kernels twice, 1.35 s in an 0.8 s pass on an H200)."""
+    on_gpu = device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+    rows = [(event.key[4:], event.count, (event.device_time_total if on_gpu else event.cpu_time_total) / 1e3)
+            for event in prof.key_averages() if event.key.startswith("liv:") and event.device_type == kind]
     return sorted(rows, key=lambda r: -r[2])
 
 

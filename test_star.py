@@ -609,6 +609,21 @@ def test_bench_latency_table_has_one_row_per_class(source, tmp_path, capsys):
     assert json.loads(trace.read_text())["traceEvents"]  # Chrome's trace format is JSON
 
 
+def test_bench_class_table_keeps_the_gpu_span_of_each_label_on_cuda():
+    """On CUDA the profiler lists a label twice (host range, GPU span); a table with both rows
+    summed time twice (seen on an H200). A hand-built profile: one row per class, the GPU span."""
+    from types import SimpleNamespace as Event
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [Event(key="liv:SA-1", device_type=cpu, count=4, cpu_time_total=9000.0, device_time_total=7000.0),
+              Event(key="liv:SA-1", device_type=gpu, count=4, cpu_time_total=0.0, device_time_total=300.0),
+              Event(key="liv:GMemless", device_type=cpu, count=4, cpu_time_total=5000.0, device_time_total=900.0),
+              Event(key="liv:GMemless", device_type=gpu, count=4, cpu_time_total=0.0, device_time_total=100.0),
+              Event(key="aten::mm", device_type=gpu, count=8, cpu_time_total=0.0, device_time_total=50.0)]
+    prof = Event(key_averages=lambda: events)
+    assert bench.class_table(prof, torch.device("cuda")) == [("SA-1", 4, 0.3), ("GMemless", 4, 0.1)]
+    assert bench.class_table(prof, torch.device("cpu")) == [("SA-1", 4, 9.0), ("GMemless", 4, 5.0)]
+
+
 @pytest.mark.parametrize("source", [["--baseline", "transformer++"], ["--genome", RANDOM_GENOME]])
 def test_bench_train_reports_throughput_and_flops(source, capsys):
     bench.main(["train", *source, *SMALL, "--batch", "2", "--seq-len", "32"])
