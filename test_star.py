@@ -1394,6 +1394,7 @@ def test_quality_recall_search_records_probes_and_reports_them(tmp_path, monkeyp
     for e in evaluations:
         assert set(e["probes"]) == set(probes.TASKS)
         assert e["recall_error"] == pytest.approx(1 - np.mean(list(e["probes"].values())))
+        assert e["measure_seconds"] > 0 and evolve.turnover(e) >= 0  # probing is measured work, not turnover
     report = (tmp_path / "report.md").read_text()
     assert "recall acc" in report and "probed candidates are recall-capable" in report
     state = json.loads((tmp_path / "checkpoint.json").read_text())
