@@ -495,15 +495,19 @@ def evaluate_batch(run, workers, log):
 
 def time_left(run, world=1):
     """Seconds left: the mean wall time of a model trained so far, times the models still to train
-    (this generation's, the later generations', the confirmation's scaled by its budget), / processes."""
+    (this generation's, the later generations'), plus the confirmation's models at its budget (they
+    are trained, not probed or timed), / processes."""
     trained = run.evaluations + list(run.baselines.values())
     s = run.settings
-    left = len({model_key(c) for c in run.batch} - set(run.results))
-    left += (s["generations"] - run.generation - 1) * s["population"]
+    search = len({model_key(c) for c in run.batch} - set(run.results))
+    search += (s["generations"] - run.generation - 1) * s["population"]
+    confirm = 0
     if s["confirm_steps"]:
         confirmed = sum(k.startswith("confirm:") for k in run.extra)
-        left += max(0, s["confirm_top"] + len(BASELINES) - confirmed) * s["confirm_steps"] / s["preset"]["steps"]
-    return sum(e["seconds"] for e in trained) / max(1, len(trained)) * left / world
+        confirm = max(0, s["confirm_top"] + len(BASELINES) - confirmed) * s["confirm_steps"] / s["preset"]["steps"]
+    seconds = sum(e["seconds"] for e in trained) / max(1, len(trained))
+    measure = sum(e.get("measure_seconds", 0.0) for e in trained) / max(1, len(trained))
+    return (seconds * search + (seconds - measure) * confirm) / world
 
 
 def baseline_compacts(run):

@@ -972,6 +972,21 @@ def confirmed_run(tmp_path_factory):
     return out
 
 
+def test_time_left_counts_confirmation_models_without_their_probes():
+    """Hand-worked: 3 of this generation's 4 and one more generation of 4 left at 10 s each, then
+    5 confirmation models at 4x the steps, trained without the 6 s of probing: 7 x 10 + 20 x 4."""
+    from types import SimpleNamespace
+    batch = [gn.to_compact(gn.random_genome(4, np.random.default_rng(i))) for i in range(4)]
+    entry = lambda c: {"key": evolve.model_key(c), "seconds": 10.0, "measure_seconds": 6.0}
+    run = SimpleNamespace(evaluations=[entry(batch[0])], baselines={b: entry(batch[0]) for b in evolve.BASELINES},
+                          batch=batch, results={evolve.model_key(batch[0]): {}}, generation=0, extra={},
+                          settings={"generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3,
+                                    "preset": {"steps": 10}})
+    assert len(set(map(evolve.model_key, batch))) == 4
+    assert evolve.time_left(run) == pytest.approx(7 * 10 + 20 * 4)
+    assert evolve.time_left(run, world=2) == pytest.approx((7 * 10 + 20 * 4) / 2)
+
+
 def test_report_tables_render(confirmed_run):
     report = (confirmed_run / "report.md").read_text()
     tables = markdown_tables(report)
