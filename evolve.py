@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import genome as gn
+import probes
 import star
 
 OBJECTIVES = {  # all minimised
@@ -327,14 +328,13 @@ class Evaluator:
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
         self.device, self.log = device, log
         self.latency = settings["objective"] == "quality-latency"
-        self.probes = settings["probes"]
+        self.probing = settings["probes"]
 
     def __call__(self, compact, stage="search"):
         start, genome = time.time(), gn.from_compact(compact)
         result = star.train_candidate(genome, self.corpus, self.presets[stage], self.device, self.log)
         measured = time.time()
-        if self.probes and stage == "search" and result["status"] == "ok":
-            import probes  # the capability probes: a fresh model of the genome per task
+        if self.probing and stage == "search" and result["status"] == "ok":
             scores = probes.probe(genome, self.preset, self.device, log=self.log)
             result.update(probes=scores.get("accuracy"), recall_error=1 - scores["mean"] if "mean" in scores else None,
                           **({"status": "failed", "error": scores["error"]} if scores["status"] != "ok" else {}))
@@ -424,6 +424,11 @@ def wait_get(store, key):
     return json.loads(store.get(key))
 
 
+def rank_device(device):
+    """Under torchrun every process trains on its own GPU, cuda:LOCAL_RANK; CPU processes share the CPU."""
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device.startswith("cuda") else device
+
+
 def serve(store, rank, world):
     """A process of rank > 0: trains the tasks of each job that rank 0 publishes, until it says stop."""
     log = lambda s: print(f"[rank {rank}] {s}", flush=True)  # noqa: E731
@@ -431,7 +436,7 @@ def serve(store, rank, world):
     if "abort" in settings:  # rank 0 refused the run; it prints why
         sys.exit(1)
     torch.set_num_threads(settings["threads"])
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if settings["device"].startswith("cuda") else "cpu"
+    device = rank_device(settings["device"])
     log(f"worker pid {os.getpid()} on {device}, {settings['threads']} thread(s)")
     workers = StoreWorkers(Evaluator(settings, device, log), store, rank, world)
     for n in itertools.count():
@@ -777,7 +782,7 @@ def write_report(run, figures=()):
     title = f"Top 10 by {keys[0]}" if len(keys) == 1 else "Pareto front of the final population"
     extra = [("latency ms", lambda e: f"{e['latency_ms']:.2f}")] if "latency_ms" in keys else []
     if s["probes"]:
-        extra += [(f"{t} acc", lambda e, t=t: f"{e['probes'][t]:.2f}") for t in PROBE_TASKS]
+        extra += [(f"{t} acc", lambda e, t=t: f"{e['probes'][t]:.2f}") for t in probes.TASKS]
         extra += [("probe mean", lambda e: f"{1 - e['recall_error']:.2f}")]
     rows = []
     for label, e in [(f"#{i + 1} (gen {e['generation']})", e) for i, e in enumerate(top)] + \
@@ -800,9 +805,6 @@ def write_report(run, figures=()):
                                         f"{run.out}` draws them."])
     lines += ["", "## Legend", ""] + gn.legend()
     atomic_write(os.path.join(run.out, "report.md"), "\n".join(lines) + "\n")
-
-
-PROBE_TASKS = ("recall", "noisy_recall", "selective_copy", "memorization")  # probes.TASKS, without importing torch
 
 
 def show_or_dash(fmt, entry):
@@ -977,8 +979,7 @@ def main(argv=None):
         if run.settings["objective"] == "quality-latency":
             import bench
             run.settings["latency_note"] = bench.search_latency_note(device)
-        local = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and device.startswith("cuda") else device
-        evaluator = Evaluator(run.settings, local, log if world == 1 else lambda s: log(f"[rank 0] {s}"))
+        evaluator = Evaluator(run.settings, rank_device(device) if world > 1 else device, log if world == 1 else lambda s: log(f"[rank 0] {s}"))
         star.output_dir(run.out)  # created only once everything else has been checked
     except ValueError as e:
         if store is not None:
