@@ -4,27 +4,27 @@
     python evolve.py --objective quality-cache      # Pareto front of perplexity and cache bytes
     python evolve.py --resume runs/20261126-120000  # continue a killed run
 
-The whole algorithm is in this file: fast non-dominated sorting, crowding distance, binary
-tournament on (rank, crowding), 2-point crossover and per-gene mutation (genome.py), repair,
-and elitist survival of parents plus children. Each candidate is trained and scored by
-star.train_candidate under the same budget, data order and initialisation seed.
+Read top-down: NSGA-II (non-dominated sorting, crowding distance, binary tournament, survival);
+then the search loop (`search`): baselines, a random population, generations of children by
+tournament, 2-point crossover and per-gene mutation (genome.py) each trained by star.train_candidate
+under the same budget, data order and seed, survival among distinct models, and the confirmation
+of the best at a longer budget; then the run's state (checkpointed after every trained model) and
+the command line. Who trains (one process or a torchrun group) is workers.py; what is written for
+people (report.md, figures) is report.py.
 """
 import dataclasses
-import itertools
 import json
 import math
 import os
-import sys
-import threading
 import time
-from collections import Counter
 
 import numpy as np
 import torch
 
 import genome as gn
-import probes
+import report
 import star
+import workers
 
 OBJECTIVES = {  # all minimised
     "quality": ("ppl",),
@@ -35,10 +35,10 @@ OBJECTIVES = {  # all minimised
     "recall": ("recall_error",),
 }
 DEFAULTS = {"tiny": {"population": 8, "generations": 4}, "gpu": {"population": 16, "generations": 18}}
-BASELINES = ("transformer++", "striped-mamba")
+SEARCH_BASELINES = ("transformer++", "striped-mamba")  # of genome.BASELINES: trained and compared by every run
 SINGLE_OBJECTIVE_ELITES = 2  # paper: 2 survivors carried over in single-objective runs
 FAILED = 1e30  # the objective value of a failed candidate: worse than anything real
-VERSION = 2  # of checkpoint.json
+VERSION = 3  # of checkpoint.json (version 2 is read too: Run.load)
 
 # ---------------------------------------------------------------------------------------------
 # NSGA-II (Deb et al. 2002)
@@ -143,20 +143,179 @@ def survivors(F_parents, F_children, n):
 
 
 # ---------------------------------------------------------------------------------------------
-# The run: settings and checkpoint
+# The search loop
+
+
+def search(run, pool, log=print):
+    """The STAR loop: baselines, a random population, then generations of children and survival;
+    then the confirmation of the best at a longer budget. Resumes wherever the run stopped."""
+    s = run.settings
+    run_baselines(run, pool, log)
+    if not run.population and not run.pending:
+        run.pending = [gn.to_compact(gn.random_genome(s["preset"]["n_livs"], run.rng)) for _ in range(s["population"])]
+        run.save()
+    while True:
+        if run.pending:  # a generation to finish (on resume: part of it may be done)
+            evaluate_pending(run, pool, log)
+            check_something_trained(run)
+            run.population, run.pending = next_population(run), []
+            run.save()
+            report_generation(run, log)
+        if run.generation + 1 >= s["generations"]:
+            break
+        children = make_children([gn.from_compact(c) for c in run.population], run.objectives(run.population),
+                                 s["population"], run.rng, gn.crossover,
+                                 lambda g, rng: gn.mutate(g, rng, s["mutation"]))
+        run.generation, run.pending = run.generation + 1, [gn.to_compact(c) for c in children]
+        run.save()
+    confirm(run, pool, log)
+
+
+def evaluate_pending(run, pool, log):
+    """Train the generation's genomes not trained yet, each distinct model once; checkpoint after each."""
+    done, tasks, index = run.results, [], {}
+    for i, compact in enumerate(run.pending):
+        key, tag = model_key(compact), f"gen {run.generation:2d} cand {i + 1:2d}/{len(run.pending)}"
+        if key in done or key in index:
+            same = done[key]["compact"] if key in done else run.pending[index[key]]
+            log(f"{tag}  {compact}  reused" + ("" if same == compact else f" (same model as {same})") +
+                (f": {report.fmt_result(done[key])}" if key in done else ""))
+        else:
+            index[key] = i
+            tasks.append((compact, "search"))
+    for t, result, rank in pool.map(tasks):
+        entry = record(tasks[t][0], result, rank, generation=run.generation)
+        run.evaluations.append(entry)
+        run.save()
+        with open(os.path.join(run.out, "evaluations.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        log(f"gen {run.generation:2d} cand {index[entry['key']] + 1:2d}/{len(run.pending)}  {entry['compact']}  "
+            f"{report.describe(entry, pool.world)}  ~{star.duration(time_left(run, pool.world))} left in the search")
+
+
+def next_population(run):
+    """NSGA-II survival over parents + children among distinct models: a model found twice takes
+    one place; duplicates fill places only when there are not enough distinct models."""
+    union, first = run.population + run.pending, {}
+    for i, compact in enumerate(union):
+        first.setdefault(model_key(compact), i)
+    F = run.objectives(union)
+    parents = [i for i in first.values() if i < len(run.population)]
+    children = [i for i in first.values() if i >= len(run.population)]
+    chosen = [(parents + children)[i] for i in survivors(F[parents], F[children], run.settings["population"])]
+    spare = sorted(set(range(len(union))) - set(chosen), key=lambda i: tuple(F[i]))
+    return [union[i] for i in chosen + spare[: run.settings["population"] - len(chosen)]]
+
+
+def run_baselines(run, pool, log):
+    """Both baselines at the search's budget, and the first once more under the second seed: the
+    spread of the two is the noise floor the report states beside every margin."""
+    names = {c: name for name, c in baseline_compacts(run).items()}
+    tasks = [(c, "search") for c, name in names.items() if name not in run.baselines]
+    if noise_entry(run) is None:
+        tasks.append((baseline_compacts(run)[SEARCH_BASELINES[0]], "seed"))
+    for t, result, rank in pool.map(tasks):
+        compact, stage = tasks[t]
+        entry = record(compact, result, rank, stage=stage)
+        if stage == "seed":
+            run.noise[entry["key"]] = entry
+        else:
+            run.baselines[names[compact]] = entry
+        run.save()
+        log(f"baseline {names[compact] + (' (second seed)' if stage == 'seed' else ''):27s} {report.describe(entry, pool.world)}")
+
+
+def baseline_compacts(run):
+    n = max(2, run.settings["preset"]["n_livs"] // 2 * 2)  # baselines need an even depth
+    return {name: gn.to_compact(gn.baseline(name, n)) for name in SEARCH_BASELINES}
+
+
+def noise_entry(run):
+    """The first baseline retrained under the second seed at the search's budget, if done."""
+    return run.noise.get(model_key(baseline_compacts(run)[SEARCH_BASELINES[0]]))
+
+
+def confirm(run, pool, log):
+    """Retrain the confirm_set at the confirmation's longer budget, all under the second seed
+    (common random numbers among themselves): how far the search's verdicts hold."""
+    s = run.settings
+    tasks = [(e["compact"], "confirm") for e in confirm_set(run) if e["key"] not in run.confirmed]
+    if not s["confirm_steps"] or not tasks:
+        return
+    log(f"confirmation: {len(tasks)} models retrained for {s['confirm_steps']} steps under seed {s['seed'] + 1}")
+    for t, result, rank in pool.map(tasks):
+        entry = record(tasks[t][0], result, rank, stage="confirm")
+        run.confirmed[entry["key"]] = entry
+        run.save()
+        log(f"confirm {entry['summary'][:40]:40s} {report.describe(entry, pool.world)}")
+
+
+def confirm_set(run):
+    """The search entries to confirm: the top K distinct candidates (one objective) or K spread
+    along the front from its lowest perplexity (several), then the baselines."""
+    table, k = final_table(run), run.settings["confirm_top"]
+    if len(OBJECTIVES[run.settings["objective"]]) > 1 and len(table) > k:
+        table = [table[i] for i in sorted(set(np.linspace(0, len(table) - 1, k).round().astype(int)))]
+    chosen = table[:k] + [run.baselines[name] for name in SEARCH_BASELINES if run.baselines[name]["status"] == "ok"]
+    return list({e["key"]: e for e in chosen}.values())
+
+
+def final_table(run):
+    """The front of the final population (several objectives; by perplexity) or the top 10 (one)."""
+    ok = [e for e in run.evaluations if e["status"] == "ok"]
+    keys = OBJECTIVES[run.settings["objective"]]
+    if len(keys) == 1:
+        return sorted(ok, key=lambda e: e[keys[0]])[:10]
+    results = run.results
+    front = [results[model_key(run.population[i])] for i in non_dominated_sort(run.objectives(run.population))[0]]
+    return sorted({e["key"]: e for e in front if e["status"] == "ok"}.values(), key=lambda e: e["ppl"])
+
+
+def confirmed_pairs(run):
+    """(label, search entry, confirmed entry) for every model of the confirm_set confirmed so far."""
+    labels = {e["key"]: f"#{i + 1}" for i, e in enumerate(final_table(run))}
+    labels.update({e["key"]: name for name, e in run.baselines.items()})
+    pairs = [(labels[e["key"]], e, run.confirmed.get(e["key"])) for e in confirm_set(run)]
+    return [(label, e, c) for label, e, c in pairs if c and c["status"] == "ok"]
+
+
+class NothingTrained(RuntimeError):
+    pass
+
+
+def check_something_trained(run):
+    """A search in which every model failed has nothing to report: stop with the first error."""
+    trained = run.evaluations + list(run.baselines.values())
+    if trained and not any(e["status"] == "ok" for e in trained):
+        raise NothingTrained(f"every candidate and both baselines failed; the first error: {trained[0].get('error')}")
+
+
+def results(run):
+    """The run as report.py reads it."""
+    return report.Results(out=run.out, settings=run.settings, objectives=OBJECTIVES[run.settings["objective"]],
+                          evaluations=run.evaluations, baselines={n: run.baselines[n] for n in SEARCH_BASELINES
+                                                                   if n in run.baselines},
+                          noise=noise_entry(run), top=final_table(run), confirmed=confirmed_pairs(run),
+                          elapsed=run.elapsed())
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's state, checkpointed atomically after every trained model
 
 
 class Run:
-    """State of one search, checkpointed atomically after every trained model."""
-    STATE = ("settings", "generation", "population", "batch", "evaluations", "baselines", "extra")
+    """State of one search: everything a resume needs, and nothing derivable."""
+    STATE = ("settings", "generation", "population", "pending", "evaluations", "baselines", "noise", "confirmed")
 
     def __init__(self, out, settings):
         self.out, self.settings = out, settings
         self.generation = 0
-        self.population, self.batch = [], []  # compact genomes
+        self.population = []  # compact genomes: the survivors of the last finished generation
+        self.pending = []  # compact genomes of the generation in progress (some may be trained already)
         self.evaluations = []  # candidates at the search's budget, in order of completion
         self.baselines = {}  # name -> result at the search's budget
-        self.extra = {}  # 'seed:<key>' (the noise floor) and 'confirm:<key>' (the confirmation) -> result
+        self.noise = {}  # model key -> the first baseline's result under the second seed, search's budget
+        self.confirmed = {}  # model key -> result at the confirmation's budget, second seed
         self.rng = np.random.default_rng(settings["seed"])
         self.started = time.time()
         self.elapsed_before = 0.0  # seconds spent before a resume
@@ -178,7 +337,7 @@ class Run:
     def save(self):
         state = {"version": VERSION, **{k: getattr(self, k) for k in self.STATE},
                  "rng": self.rng.bit_generator.state, "elapsed": self.elapsed()}
-        atomic_write(os.path.join(self.out, "checkpoint.json"), json.dumps(state))
+        star.atomic_write(os.path.join(self.out, "checkpoint.json"), json.dumps(state))
 
     @classmethod
     def load(cls, out):
@@ -187,6 +346,7 @@ class Run:
             raise ValueError(f"no checkpoint to resume: {path} does not exist")
         state = gn.read_json(path, "checkpoint")
         try:
+            state = upgrade(state)
             check_state(state)
         except ValueError as e:
             raise ValueError(f"{path}: corrupt checkpoint: {e}") from None
@@ -196,6 +356,26 @@ class Run:
         run.rng.bit_generator.state = state["rng"]
         run.elapsed_before = state["elapsed"]
         return run
+
+
+def upgrade(state):
+    """A version-2 checkpoint in version 3's names: 'batch' became 'pending'; 'extra', results under
+    'seed:<key>' and 'confirm:<key>', became 'noise' and 'confirmed' keyed by model. Else as read."""
+    if not (isinstance(state, dict) and state.get("version") == 2 and isinstance(state.get("extra"), dict)):
+        return state
+    state = {**state, "version": 3, "noise": {}, "confirmed": {}}
+    if "batch" in state:
+        state["pending"] = state.pop("batch")
+    for key, entry in state.pop("extra").items():
+        stage, _, model = key.partition(":")
+        if stage not in ("seed", "confirm"):
+            raise ValueError(f"extra: unknown entry {key[:40]!r}")
+        state["noise" if stage == "seed" else "confirmed"][model] = entry
+    return state
+
+
+def model_key(compact):
+    return gn.to_compact(gn.canonical(gn.from_compact(compact)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +388,7 @@ def check_settings(s):
                        ("generations", (int,)), ("mutation", (int, float)), ("seed", (int,)),
                        ("data", (str, type(None))), ("vocab_size", (int, type(None))), ("threads", (int,)),
                        ("confirm_steps", (int,)), ("confirm_top", (int,)), ("probes", (bool,))):
-        field(s, key, kinds, "settings")
+        star.field(s, key, kinds, "settings")
     if s["objective"] not in OBJECTIVES:
         raise ValueError(f"unknown objective {s['objective']!r}; choose from {', '.join(OBJECTIVES)}")
     if s["preset_name"] not in star.PRESETS:
@@ -226,20 +406,9 @@ def check_settings(s):
     return s
 
 
-def field(obj, key, kinds, where):
-    """obj[key] if it is one of kinds (a bool is no int here); else a ValueError naming the field."""
-    if not isinstance(obj, dict) or key not in obj:
-        raise ValueError(f"{where}: no field '{key}'")
-    value = obj[key]
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-        raise ValueError(f"{where}.{key} is {str(value)[:40]!r}, not {names}")
-    return value
-
-
 def check_compact(compact, depths, where):
     try:
-        g = gn.from_compact(field({"genome": compact}, "genome", (str,), where))
+        g = gn.from_compact(star.field({"genome": compact}, "genome", (str,), where))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     problems = gn.validate(g)
@@ -249,218 +418,56 @@ def check_compact(compact, depths, where):
 
 def check_result(e, depths, where):
     """One trained model's entry: the fields the search and the report read."""
-    check_compact(field(e, "compact", (str,), where), depths, where)
-    if field(e, "status", (str,), where) not in ("ok", "failed"):
+    check_compact(star.field(e, "compact", (str,), where), depths, where)
+    if star.field(e, "status", (str,), where) not in ("ok", "failed"):
         raise ValueError(f"{where}.status is {e['status']!r}, not ok or failed")
-    ppl = field(e, "ppl", (int, float, type(None)), where)
+    ppl = star.field(e, "ppl", (int, float, type(None)), where)
     if e["status"] == "ok" and not (ppl is not None and math.isfinite(ppl) and ppl >= 1):
         raise ValueError(f"{where}.ppl is {ppl!r} for a model that trained")
     for key in ("params", "cache_bytes"):
-        field(e, key, (int, type(None)), where)
+        star.field(e, key, (int, type(None)), where)
     for key in ("seconds", "train_seconds"):
-        if not field(e, key, (int, float), where) >= 0:
+        if not star.field(e, key, (int, float), where) >= 0:
             raise ValueError(f"{where}.{key} is negative")
-    field(e, "summary", (str,), where)
+    star.field(e, "summary", (str,), where)
 
 
 def check_state(state):
     """The checkpoint's schema, so that a corrupt or hand-edited one is refused at start with the
     field that is wrong, not halfway through a generation."""
-    if field(state, "version", (int,), "checkpoint") != VERSION:
+    if star.field(state, "version", (int,), "checkpoint") != VERSION:
         raise ValueError(f"version {state['version']}; this code reads version {VERSION}")
-    s = check_settings(field(state, "settings", (dict,), "checkpoint"))
+    s = check_settings(star.field(state, "settings", (dict,), "checkpoint"))
     n = (s["preset"]["n_livs"],)
     depths = n + (max(2, n[0] // 2 * 2),)  # candidates, and baselines (an even depth)
-    if field(state, "generation", (int,), "checkpoint") < 0:
+    if star.field(state, "generation", (int,), "checkpoint") < 0:
         raise ValueError(f"generation {state['generation']} is negative")
-    for key in ("population", "batch"):
-        for i, compact in enumerate(field(state, key, (list,), "checkpoint")):
+    for key in ("population", "pending"):
+        for i, compact in enumerate(star.field(state, key, (list,), "checkpoint")):
             check_compact(compact, n, f"{key}[{i}]")
-    for i, e in enumerate(field(state, "evaluations", (list,), "checkpoint")):
+    for i, e in enumerate(star.field(state, "evaluations", (list,), "checkpoint")):
         check_result(e, n, f"evaluations[{i}]")
-        if not 0 <= field(e, "generation", (int,), f"evaluations[{i}]") <= state["generation"]:
+        if not 0 <= star.field(e, "generation", (int,), f"evaluations[{i}]") <= state["generation"]:
             raise ValueError(f"evaluations[{i}].generation is {e['generation']}, after the run's {state['generation']}")
-    for name, e in field(state, "baselines", (dict,), "checkpoint").items():
-        if name not in BASELINES:
+    for name, e in star.field(state, "baselines", (dict,), "checkpoint").items():
+        if name not in SEARCH_BASELINES:
             raise ValueError(f"baselines: unknown baseline {name!r}")
         check_result(e, depths[1:], f"baselines.{name}")
-    for key, e in field(state, "extra", (dict,), "checkpoint").items():
-        if key.split(":")[0] not in ("seed", "confirm"):
-            raise ValueError(f"extra: unknown entry {key[:40]!r}")
-        check_result(e, depths, f"extra.{key[:40]}")
+    for stage in ("noise", "confirmed"):
+        for key, e in star.field(state, stage, (dict,), "checkpoint").items():
+            check_result(e, depths, f"{stage}.{key[:40]}")
+            if model_key(e["compact"]) != key:
+                raise ValueError(f"{stage}.{key[:40]} holds the result of another model ({e['compact'][:40]})")
     try:
-        np.random.default_rng().bit_generator.state = field(state, "rng", (dict,), "checkpoint")
+        np.random.default_rng().bit_generator.state = star.field(state, "rng", (dict,), "checkpoint")
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"rng: not a PCG64 state ({type(e).__name__}: {e})") from None
-    if not field(state, "elapsed", (int, float), "checkpoint") >= 0:
+    if not star.field(state, "elapsed", (int, float), "checkpoint") >= 0:
         raise ValueError("elapsed is negative")
 
 
-def model_key(compact):
-    return gn.to_compact(gn.canonical(gn.from_compact(compact)))
-
-
-def atomic_write(path, text):
-    """Write then rename: a kill at any moment leaves either the old or the new file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
-# Training: one model at one stage, in this process or on every process of a torchrun group
-
-
-class Evaluator:
-    """Trains one genome at one stage of the run and scores it. Stages: 'search' (the search's
-    budget), 'seed' (the same budget under the second seed: the noise floor) and 'confirm' (the
-    confirmation's longer budget, second seed). Latency is measured at the search stage if asked."""
-
-    def __init__(self, settings, device, log=None):
-        self.preset = star.Preset(**settings["preset"])
-        other_seed = dataclasses.replace(self.preset, seed=self.preset.seed + 1)
-        steps = settings["confirm_steps"] or self.preset.steps
-        self.presets = {"search": self.preset, "seed": other_seed, "confirm": dataclasses.replace(
-            other_seed, steps=steps, warmup=round(self.preset.warmup * steps / self.preset.steps))}
-        self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
-        self.device, self.log = device, log
-        self.latency = settings["objective"] == "quality-latency"
-        self.probing = settings["probes"]
-
-    def __call__(self, compact, stage="search"):
-        start, genome = time.time(), gn.from_compact(compact)
-        result = star.train_candidate(genome, self.corpus, self.presets[stage], self.device, self.log)
-        measured = time.time()
-        if self.probing and stage == "search" and result["status"] == "ok":
-            scores = probes.probe(genome, self.preset, self.device, log=self.log)
-            result.update(probes=scores.get("accuracy"), recall_error=1 - scores["mean"] if "mean" in scores else None,
-                          **({"status": "failed", "error": scores["error"]} if scores["status"] != "ok" else {}))
-        if self.latency and stage == "search" and result["status"] == "ok":
-            import bench  # only the latency objective needs it
-            try:
-                result["latency_ms"] = bench.search_latency(genome, self.preset, self.corpus.vocab_size, self.device)
-            except Exception as e:  # noqa: BLE001
-                result.update(status="failed", error=f"latency: {type(e).__name__}: {e}"[:300])
-        return {**result, "seconds": round(time.time() - start, 2), "measure_seconds": round(time.time() - measured, 2)}
-
-
-class Workers:
-    """Trains tasks, (compact genome, stage) pairs, in this process one after the other."""
-    rank, world = 0, 1
-
-    def __init__(self, evaluate):
-        self.evaluate = evaluate
-
-    def map(self, tasks):
-        """Yield (task index, result, rank that trained it) as each task finishes."""
-        for i, task in enumerate(tasks):
-            yield i, self.evaluate(*task), self.rank
-
-    def close(self):
-        pass
-
-
-class StoreWorkers(Workers):
-    """Every process of a torchrun group trains; rank 0 alone holds the population, the RNG, the
-    checkpoint and the outputs, so the algorithm is exactly the single-process one.
-
-    Through torchrun's key-value store: rank 0 publishes a job (its tasks) as 'job/<n>'; every
-    process, rank 0's worker thread included, takes the next untrained task with an atomic counter
-    (store.add), so a process that becomes free never waits for a slow one, and posts the result
-    as 'job/<n>/<i>'; rank 0's main thread records each result as it arrives."""
-
-    def __init__(self, evaluate, store, rank, world):
-        super().__init__(evaluate)
-        self.store, self.rank, self.world, self.jobs, self.failure = store, rank, world, 0, None
-
-    def map(self, tasks):
-        if not tasks:
-            return
-        job, pending = f"job/{self.jobs}", set(range(len(tasks)))
-        self.jobs += 1
-        self.store.set(job, json.dumps(tasks))
-        threading.Thread(target=self.work, args=(job, tasks, True), daemon=True).start()
-        while pending:
-            ready = [i for i in sorted(pending) if self.store.check([f"{job}/{i}"])]
-            if self.failure:
-                raise self.failure
-            for i in ready:
-                pending.remove(i)
-                posted = json.loads(self.store.get(f"{job}/{i}"))
-                yield i, posted["result"], posted["rank"]
-            time.sleep(0 if ready else 0.05)
-
-    def work(self, job, tasks, keep_failure=False):
-        """Take the job's tasks one at a time until none is left (every rank runs this)."""
-        try:
-            while (i := self.store.add(f"{job}/next", 1) - 1) < len(tasks):
-                result = self.evaluate(*tasks[i])
-                self.store.set(f"{job}/{i}", json.dumps({"result": result, "rank": self.rank}))
-        except BaseException as e:  # noqa: BLE001 -- rank 0's thread hands its failure to the main thread
-            if not keep_failure:
-                raise
-            self.failure = e
-
-    def close(self):
-        self.store.set(f"job/{self.jobs}", "null")  # the other ranks stop
-
-
-def distributed():
-    """(store, rank, world size) under torchrun, through its env:// rendezvous; else (None, 0, 1).
-    The store outlives a restart of the group: keys are namespaced by torchrun's restart count."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, 0, 1
-    import torch.distributed as dist
-    store, rank, world = next(dist.rendezvous("env://"))
-    return dist.PrefixStore(f"star/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world
-
-
-def wait_get(store, key):
-    while not store.check([key]):  # polled: a job may take longer than any store timeout
-        time.sleep(0.1)
-    return json.loads(store.get(key))
-
-
-def rank_device(device):
-    """Under torchrun every process trains on its own GPU, cuda:LOCAL_RANK; CPU processes share the CPU."""
-    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device.startswith("cuda") else device
-
-
-def serve(store, rank, world):
-    """A process of rank > 0: trains the tasks of each job that rank 0 publishes, until it says stop."""
-    log = lambda s: print(f"[rank {rank}] {s}", flush=True)  # noqa: E731
-    settings = wait_get(store, "settings")
-    if "abort" in settings:  # rank 0 refused the run; it prints why
-        sys.exit(1)
-    torch.set_num_threads(settings["threads"])
-    device = rank_device(settings["device"])
-    log(f"worker pid {os.getpid()} on {device}, {settings['threads']} thread(s)")
-    workers = StoreWorkers(Evaluator(settings, device, log), store, rank, world)
-    for n in itertools.count():
-        tasks = wait_get(store, f"job/{n}")
-        if tasks is None:
-            return
-        workers.work(f"job/{n}", tasks)
-
-
-# ---------------------------------------------------------------------------------------------
-# The search
-
-
-def fmt_result(r):
-    return f"ppl {r['ppl']:.3f}" if r["status"] == "ok" else f"FAILED ({r.get('error')})"
-
-
-def fmt_count(n):
-    if n is None:
-        return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(int(n))
+# Progress lines
 
 
 def record(compact, result, rank, **where):
@@ -470,412 +477,29 @@ def record(compact, result, rank, **where):
             "rank": rank, **result}
 
 
-def describe(result, workers):
-    latency = f"  latency {result['latency_ms']:.2f} ms" if "latency_ms" in result else ""
-    return (f"{fmt_result(result)}  params {fmt_count(result['params'])}  cache {fmt_count(result['cache_bytes'])}B"
-            f"{latency}  {result['seconds']:.1f}s" + (f"  (rank {result['rank']})" if workers.world > 1 else ""))
-
-
-def evaluate_batch(run, workers, log):
-    """Train the generation's genomes not trained yet, each distinct model once; checkpoint after each."""
-    done, tasks, index = run.results, [], {}
-    for i, compact in enumerate(run.batch):
-        key, tag = model_key(compact), f"gen {run.generation:2d} cand {i + 1:2d}/{len(run.batch)}"
-        if key in done or key in index:
-            same = done[key]["compact"] if key in done else run.batch[index[key]]
-            log(f"{tag}  {compact}  reused" + ("" if same == compact else f" (same model as {same})") +
-                (f": {fmt_result(done[key])}" if key in done else ""))
-        else:
-            index[key] = i
-            tasks.append((compact, "search"))
-    for t, result, rank in workers.map(tasks):
-        entry = record(tasks[t][0], result, rank, generation=run.generation)
-        run.evaluations.append(entry)
-        run.save()
-        with open(os.path.join(run.out, "evaluations.jsonl"), "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        log(f"gen {run.generation:2d} cand {index[entry['key']] + 1:2d}/{len(run.batch)}  {entry['compact']}  "
-            f"{describe(entry, workers)}  ~{star.duration(time_left(run, workers.world))} left in the search")
-
-
 def time_left(run, world=1):
     """Seconds left: the mean wall time of a model trained so far, times the models still to train
     (this generation's, the later generations'), plus the confirmation's models at its budget (they
     are trained, not probed or timed), / processes."""
     trained = run.evaluations + list(run.baselines.values())
     s = run.settings
-    search = len({model_key(c) for c in run.batch} - set(run.results))
+    search = len({model_key(c) for c in run.pending} - set(run.results))
     search += (s["generations"] - run.generation - 1) * s["population"]
     confirm = 0
     if s["confirm_steps"]:
-        confirmed = sum(k.startswith("confirm:") for k in run.extra)
-        confirm = max(0, s["confirm_top"] + len(BASELINES) - confirmed) * s["confirm_steps"] / s["preset"]["steps"]
+        confirm = max(0, s["confirm_top"] + len(SEARCH_BASELINES) - len(run.confirmed))
+        confirm *= s["confirm_steps"] / s["preset"]["steps"]
     seconds = sum(e["seconds"] for e in trained) / max(1, len(trained))
     measure = sum(e.get("measure_seconds", 0.0) for e in trained) / max(1, len(trained))
     return (seconds * search + (seconds - measure) * confirm) / world
-
-
-def baseline_compacts(run):
-    n = max(2, run.settings["preset"]["n_livs"] // 2 * 2)  # baselines need an even depth
-    return {name: gn.to_compact(gn.baseline(name, n)) for name in BASELINES}
-
-
-def noise_entry(run):
-    """Transformer++ retrained under the second seed at the search's budget, if done."""
-    return run.extra.get("seed:" + model_key(baseline_compacts(run)[BASELINES[0]]))
-
-
-def run_baselines(run, workers, log):
-    """Both baselines at the search's budget, and Transformer++ once more under the second seed:
-    the spread of the two is the noise floor the report states beside every margin."""
-    names = {c: name for name, c in baseline_compacts(run).items()}
-    tasks = [(c, "search") for c, name in names.items() if name not in run.baselines]
-    if noise_entry(run) is None:
-        tasks.append((baseline_compacts(run)[BASELINES[0]], "seed"))
-    for t, result, rank in workers.map(tasks):
-        compact, stage = tasks[t]
-        entry = record(compact, result, rank, stage=stage)
-        if stage == "seed":
-            run.extra["seed:" + entry["key"]] = entry
-        else:
-            run.baselines[names[compact]] = entry
-        run.save()
-        log(f"baseline {names[compact] + (' (second seed)' if stage == 'seed' else ''):27s} {describe(entry, workers)}")
-
-
-class NothingTrained(RuntimeError):
-    pass
-
-
-def check_something_trained(run):
-    """A search in which every model failed has nothing to report: stop with the first error."""
-    trained = run.evaluations + list(run.baselines.values())
-    if trained and not any(e["status"] == "ok" for e in trained):
-        raise NothingTrained(f"every candidate and both baselines failed; the first error: {trained[0].get('error')}")
-
-
-def next_population(run):
-    """NSGA-II survival over parents + children among distinct models: a model found twice takes
-    one place; duplicates fill places only when there are not enough distinct models."""
-    union, first = run.population + run.batch, {}
-    for i, compact in enumerate(union):
-        first.setdefault(model_key(compact), i)
-    F = run.objectives(union)
-    parents = [i for i in first.values() if i < len(run.population)]
-    children = [i for i in first.values() if i >= len(run.population)]
-    chosen = [(parents + children)[i] for i in survivors(F[parents], F[children], run.settings["population"])]
-    spare = sorted(set(range(len(union))) - set(chosen), key=lambda i: tuple(F[i]))
-    return [union[i] for i in chosen + spare[: run.settings["population"] - len(chosen)]]
-
-
-def search(run, workers, log=print):
-    """The STAR loop: a random population, then generations of children and survival; then the
-    confirmation of the best at a longer budget."""
-    s = run.settings
-    run_baselines(run, workers, log)
-    if not run.population and not run.batch:
-        run.batch = [gn.to_compact(gn.random_genome(s["preset"]["n_livs"], run.rng)) for _ in range(s["population"])]
-        run.save()
-    while True:
-        if run.batch:  # a generation to finish (on resume: part of it may be done)
-            evaluate_batch(run, workers, log)
-            check_something_trained(run)
-            run.population, run.batch = next_population(run), []
-            run.save()
-            report_generation(run, log)
-        if run.generation + 1 >= s["generations"]:
-            break
-        children = make_children([gn.from_compact(c) for c in run.population], run.objectives(run.population),
-                                 s["population"], run.rng, gn.crossover,
-                                 lambda g, rng: gn.mutate(g, rng, s["mutation"]))
-        run.generation, run.batch = run.generation + 1, [gn.to_compact(c) for c in children]
-        run.save()
-    confirm(run, workers, log)
-
-
-def confirm_set(run):
-    """The search entries to confirm: the top K distinct candidates (one objective) or K spread
-    along the front from its lowest perplexity (several), then the baselines."""
-    table, k = final_table(run), run.settings["confirm_top"]
-    if len(OBJECTIVES[run.settings["objective"]]) > 1 and len(table) > k:
-        table = [table[i] for i in sorted(set(np.linspace(0, len(table) - 1, k).round().astype(int)))]
-    chosen = table[:k] + [run.baselines[name] for name in BASELINES if run.baselines[name]["status"] == "ok"]
-    return list({e["key"]: e for e in chosen}.values())
-
-
-def confirm(run, workers, log):
-    """Retrain the confirm_set at the confirmation's longer budget, all under the second seed
-    (common random numbers among themselves): how far the search's verdicts hold."""
-    s = run.settings
-    tasks = [(e["compact"], "confirm") for e in confirm_set(run) if "confirm:" + e["key"] not in run.extra]
-    if not s["confirm_steps"] or not tasks:
-        return
-    log(f"confirmation: {len(tasks)} models retrained for {s['confirm_steps']} steps under seed {s['seed'] + 1}")
-    for t, result, rank in workers.map(tasks):
-        entry = record(tasks[t][0], result, rank, stage="confirm")
-        run.extra["confirm:" + entry["key"]] = entry
-        run.save()
-        log(f"confirm {entry['summary'][:40]:40s} {describe(entry, workers)}")
 
 
 def report_generation(run, log):
     F = run.objectives(run.population)
     log(f"generation {run.generation} done: best {OBJECTIVES[run.settings['objective']][0]} {F[:, 0].min():.3f}, "
         f"front {len(non_dominated_sort(F)[0])}, "
-        f"{run.elapsed() / 60:.1f} min so far{turnover_note(run)}")
-    write_outputs(run)
-
-
-def turnover(entry):
-    """Seconds of a candidate outside steady-state training steps: building, compiling (the first
-    step), evaluation, bookkeeping -- the time between one candidate's training and the next's.
-    Measurements that an objective asks for (probes, latency) are work, not turnover."""
-    steady = entry["train_seconds"] - entry.get("first_step_seconds", 0.0)
-    return entry["seconds"] - steady - entry.get("measure_seconds", 0.0)
-
-
-def turnover_note(run):
-    ok = [e for e in run.evaluations if e["generation"] == run.generation and e["status"] == "ok"]
-    if not ok:
-        return ""
-    mean_turnover = sum(map(turnover, ok)) / len(ok)
-    mean_train = sum(e["train_seconds"] for e in ok) / len(ok)
-    return (f"; {sum(e['seconds'] for e in ok) / len(ok):.1f} s per candidate, turnover {mean_turnover:.2f} s "
-            f"({100 * mean_turnover / max(mean_train, 1e-9):.1f}% of training)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Results: report.md, best_genome.json, figures; written after every generation and at the end
-
-
-def final_table(run):
-    """The front of the final population (several objectives; by perplexity) or the top 10 (one)."""
-    ok = [e for e in run.evaluations if e["status"] == "ok"]
-    keys = OBJECTIVES[run.settings["objective"]]
-    if len(keys) == 1:
-        return sorted(ok, key=lambda e: e[keys[0]])[:10]
-    results = run.results
-    front = [results[model_key(run.population[i])] for i in non_dominated_sort(run.objectives(run.population))[0]]
-    return sorted({e["key"]: e for e in front if e["status"] == "ok"}.values(), key=lambda e: e["ppl"])
-
-
-def confirmed_pairs(run):
-    """(label, search entry, confirmed entry) for every model of the confirm_set confirmed so far."""
-    labels = {e["key"]: f"#{i + 1}" for i, e in enumerate(final_table(run))}
-    labels.update({e["key"]: name for name, e in run.baselines.items()})
-    pairs = [(labels[e["key"]], e, run.extra.get("confirm:" + e["key"])) for e in confirm_set(run)]
-    return [(label, e, c) for label, e, c in pairs if c and c["status"] == "ok"]
-
-
-def best_genomes(run):
-    """(the search's best entry, the confirmed best entry or None: confirmation retrains perplexity)."""
-    key = OBJECTIVES[run.settings["objective"]][0]
-    ok = [e for e in run.evaluations if e["status"] == "ok"]
-    search_best = min(ok, key=lambda e: e[key]) if ok else None
-    evolved = [(c["ppl"], e) for label, e, c in confirmed_pairs(run) if label.startswith("#") and key == "ppl"]
-    return search_best, (min(evolved, key=lambda pair: pair[0])[1] if evolved else None)
-
-
-def spearman(a, b):
-    """Spearman's rank correlation: Pearson's correlation of the ranks (ties share their mean rank)."""
-    def ranks(x):
-        x = np.asarray(x, dtype=float)
-        r = np.empty(len(x))
-        r[np.argsort(x, kind="stable")] = np.arange(len(x))
-        for v in np.unique(x):
-            r[x == v] = r[x == v].mean()
-        return r
-    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
-        return float("nan")
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
-
-
-def pct(value, base):
-    return f"{100 * (value - base) / base:+.1f}%"
-
-
-def cell(text):
-    return str(text).replace("|", "\\|")  # a '|' would split a markdown table cell
-
-
-def table(header, rows):
-    return ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)] + \
-        ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
-
-
-def confirmation_section(run):
-    s, pairs = run.settings, confirmed_pairs(run)
-    base, steps = s["preset"]["steps"], s["confirm_steps"]
-    if not steps:
-        return ["Confirmation skipped (--confirm-steps 0): the numbers below hold at the search's budget only.", ""]
-    if not pairs:
-        return [f"Confirmation at {steps} steps: not run yet (it follows the last generation).", ""]
-    again = {name: next((c for label, _, c in pairs if label == name), None) for name in BASELINES}
-    rows = []
-    for label, e, c in pairs:
-        margins = [f"{pct(e['ppl'], run.baselines[n]['ppl'])} → {pct(c['ppl'], again[n]['ppl'])}" if again[n] else "-"
-                   for n in BASELINES]
-        rows.append([label, f"`{e['summary']}`", f"{e['ppl']:.3f}", f"{c['ppl']:.3f}"] + margins)
-    rho = spearman([e["ppl"] for _, e, _ in pairs], [c["ppl"] for _, _, c in pairs])
-    lines = [f"## Confirmed result: {len(pairs)} models retrained for {steps} steps (search: {base}), "
-             f"seed {s['seed'] + 1}", "", verdict(run, pairs, again), "",
-             *table(["model", "architecture", f"ppl, {base} steps", f"ppl, {steps} steps"] +
-                    [f"vs {n}, {base} → {steps} steps" for n in BASELINES], rows), "",
-             f"Spearman's rank correlation of perplexity between the two budgets over these {len(pairs)} models: "
-             f"{rho:.2f} (1: the search's order holds; 0: no relation).", ""]
-    return lines
-
-
-def verdict(run, pairs, again):
-    """One sentence: is the search's best still the best, and still ahead of every baseline?"""
-    evolved = [(label, e, c) for label, e, c in pairs if label.startswith("#")]
-    if not evolved:
-        return "No evolved candidate was confirmed."
-    label, e, c = min(evolved, key=lambda t: t[1]["ppl"])
-    best = min(evolved, key=lambda t: t[2]["ppl"])
-    behind = [n for n in BASELINES if again[n] and c["ppl"] >= again[n]["ppl"]]
-    ahead = ", ".join(f"{n} by {100 * (again[n]['ppl'] - c['ppl']) / again[n]['ppl']:.1f}%"
-                      for n in BASELINES if again[n] and n not in behind)
-    first = (f"The search's best ({label}) is still the best confirmed candidate at {run.settings['confirm_steps']} steps"
-             if best[0] == label else f"The search's best ({label}) is no longer the best at "
-             f"{run.settings['confirm_steps']} steps ({best[0]} is)")
-    return first + (f" and still ahead of every baseline ({ahead})." if not behind else
-                    f", and no longer ahead of {', '.join(behind)}" + (f" (still ahead of {ahead})." if ahead else "."))
-
-
-def context_lines(run):
-    """The noise floor and evolution against random search: how to read the margins."""
-    lines, s = [], run.settings
-    first, noise = run.baselines.get(BASELINES[0]), noise_entry(run)
-    if first and noise and first["status"] == noise["status"] == "ok":
-        spread = 100 * abs(first["ppl"] - noise["ppl"]) / first["ppl"]
-        lines.append(f"- Noise floor: {BASELINES[0]} retrained under seed {s['seed'] + 1} at the search's budget reached "
-                     f"ppl {noise['ppl']:.3f} against {first['ppl']:.3f} under seed {s['seed']} ({spread:.1f}% apart); "
-                     f"margins smaller than this are within seed noise.")
-    randoms = [e for e in run.evaluations if e["generation"] == 0 and e["status"] == "ok"]
-    search_best, _ = best_genomes(run)
-    if randoms and search_best:
-        best0 = min(e["ppl"] for e in randoms)
-        keys = OBJECTIVES[s["objective"]]
-        line = (f"- Evolution against random search: the best of the {len(randoms)} random genomes of generation 0 "
-                f"reached ppl {best0:.3f}, the final best {search_best['ppl']:.3f} "
-                f"({100 * (best0 - search_best['ppl']) / best0:.1f}% lower).")
-        for name, b in run.baselines.items():
-            if b["status"] == "ok" and all(b.get(k) is not None for k in keys):
-                n = sum(all(e.get(k) is not None and e[k] < b[k] for k in keys) for e in randoms)
-                line += f" {n} of {len(randoms)} random genomes already beat {name} on every objective ({', '.join(keys)})."
-        lines.append(line)
-    return lines + ([""] if lines else [])
-
-
-def write_report(run, figures=()):
-    s, keys = run.settings, OBJECTIVES[run.settings["objective"]]
-    top = final_table(run)
-    lines = [f"# STAR search: objective `{s['objective']}`", "",
-             f"Preset `{s['preset_name']}` ({', '.join(f'{k}={v}' for k, v in s['preset'].items())}); "
-             f"population {s['population']}, {s['generations']} generations, mutation {s['mutation']}, "
-             f"seed {s['seed']}, {s['threads']} thread(s), data {s['data'] or 'embedded Shakespeare (bytes)'}, "
-             f"device {s['device']}. {len(run.evaluations)} candidates trained in {run.elapsed() / 60:.1f} min.", ""]
-    lines += confirmation_section(run) + context_lines(run)
-    if "latency_ms" in keys:
-        lines += [f"Latency: {s.get('latency_note', '')}", ""]
-    title = f"Top 10 by {keys[0]}" if len(keys) == 1 else "Pareto front of the final population"
-    extra = [("latency ms", lambda e: f"{e['latency_ms']:.2f}")] if "latency_ms" in keys else []
-    if s["probes"]:
-        extra += [(f"{t} acc", lambda e, t=t: f"{e['probes'][t]:.2f}") for t in probes.TASKS]
-        extra += [("probe mean", lambda e: f"{1 - e['recall_error']:.2f}")]
-    rows = []
-    for label, e in [(f"#{i + 1} (gen {e['generation']})", e) for i, e in enumerate(top)] + \
-            [(f"baseline {name}", e) for name, e in run.baselines.items()]:
-        ok = e["status"] == "ok"
-        margins = [pct(e["ppl"], b["ppl"]) if ok and b["status"] == "ok" else "-" for b in run.baselines.values()]
-        rows.append([label, f"`{e['summary']}`", f"{e['ppl']:.3f}" if ok else "failed", *margins,
-                     f"{e['params']:,}" if e["params"] else "-", f"{e['cache_bytes']:,}" if e["cache_bytes"] else "0"] +
-                    [show_or_dash(fmt, e) for _, fmt in extra])
-    lines += [f"## {title}, with the baselines (same budget: {s['preset']['steps']} steps, seed {s['seed']})", "",
-              *table(["", "architecture", "ppl", *[f"ppl vs {n}" for n in run.baselines], "params", "cache bytes"]
-                     + [name for name, _ in extra], rows)]
-    lines += motif_section(run, top)
-    failed = [e for e in run.evaluations if e["status"] != "ok"]
-    if failed:
-        lines += ["", f"## Failed candidates ({len(failed)})", ""]
-        lines += [f"- gen {e['generation']} `{e['compact']}`: {e.get('error')}" for e in failed]
-    lines += ["", "## Figures", ""] + ([f"![{name}]({name}.png)" for name in figures] if figures else
-                                       ["No figures: `pip install matplotlib`, then `python evolve.py --resume "
-                                        f"{run.out}` draws them."])
-    lines += ["", "## Legend", ""] + gn.legend()
-    atomic_write(os.path.join(run.out, "report.md"), "\n".join(lines) + "\n")
-
-
-def show_or_dash(fmt, entry):
-    try:
-        return fmt(entry)
-    except (KeyError, TypeError):  # not measured for this model (or it failed)
-        return "-"
-
-
-def motif_counts(compacts):
-    """Class frequencies, sharing patterns and adjacent class pairs over a set of genomes."""
-    classes, sharing, pairs, total = Counter(), Counter(), Counter(), 0
-    for c in compacts:
-        g = gn.from_compact(c)
-        names = [gn.lookup(row).name for row in g]
-        classes.update(names)
-        total += len(names)
-        for i, row in enumerate(g):
-            if row[2] > 1 and row[1] != i + 1:
-                sharing["featurizer weights"] += 1
-            if row[4] > 1 and row[3] != i + 1:
-                sharing[f"features {gn.FEATURE_SHARING[row[4]]}"] += 1
-        pairs.update(zip(names, names[1:]))
-    return classes, sharing, pairs, max(total, 1)
-
-
-def motif_section(run, top):
-    c0, s0, _, n0 = motif_counts([e["compact"] for e in run.evaluations if e["generation"] == 0])
-    c1, s1, pairs, n1 = motif_counts([e["compact"] for e in top])
-    return recall_motifs(run) + ["", "## Motifs: final front/top against the initial population", "",
-            *table(["LIV class", "share of LIVs, final", "share of LIVs, initial"],
-                   [[n, f"{100 * c1[n] / n1:.0f}%", f"{100 * c0[n] / n0:.0f}%"] for n, _ in (c1 + c0).most_common()]),
-            "", *table(["sharing", "LIVs that share, final", "initial"],
-                       [[n, f"{100 * s1[n] / n1:.0f}%", f"{100 * s0[n] / n0:.0f}%"] for n, _ in (s1 + s0).most_common()]),
-            "", "Most frequent adjacent class pairs in the final front/top: " +
-            (", ".join(f"{a} -> {b} ({n})" for (a, b), n in pairs.most_common(5)) or "none")]
-
-
-def recall_motifs(run):
-    """Which classes the recall-capable candidates (>= 90% on in-context recall) use, against all probed."""
-    probed = [e for e in run.evaluations if (e.get("probes") or {}).get("recall") is not None]
-    capable = [e for e in probed if e["probes"]["recall"] >= 0.9]
-    if not probed:
-        return []
-    c_all, _, _, n_all = motif_counts([e["compact"] for e in probed])
-    c_cap, _, _, n_cap = motif_counts([e["compact"] for e in capable])
-    return ["", f"## Capability: {len(capable)} of {len(probed)} probed candidates are recall-capable "
-                "(>= 90% on in-context recall)", "",
-            *table(["LIV class", "share of LIVs, recall-capable", "share of LIVs, all probed"],
-                   [[n, f"{100 * c_cap[n] / n_cap:.0f}%", f"{100 * c_all[n] / n_all:.0f}%"]
-                    for n, _ in (c_cap + c_all).most_common()])]
-
-
-def write_outputs(run, log=None):
-    """report.md, best_genome.json (the confirmed best once confirmed; the search's best is kept as
-    search_best_genome.json when they differ) and the figures, if matplotlib is installed."""
-    search_best, confirmed_best = best_genomes(run)
-    best = confirmed_best or search_best
-    if best:
-        atomic_write(os.path.join(run.out, "best_genome.json"), gn.to_json(best["genome"]))
-    if confirmed_best and search_best and confirmed_best["key"] != search_best["key"]:
-        atomic_write(os.path.join(run.out, "search_best_genome.json"), gn.to_json(search_best["genome"]))
-    try:
-        import plots
-        figures = plots.run_figures(run)
-    except ImportError:  # matplotlib is optional
-        figures = ()
-    write_report(run, figures)
-    if log:
-        log(f"results in {run.out}: report.md, best_genome.json, evaluations.jsonl" +
-            (", " + ", ".join(f"{f}.png" for f in figures) if figures else ""))
+        f"{run.elapsed() / 60:.1f} min so far{report.turnover_note(run.evaluations, run.generation)}")
+    report.write_outputs(results(run))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -967,44 +591,51 @@ def open_run(args, world, log):
 
 def main(argv=None):
     args = parse_args(argv)
-    store, rank, world = distributed()
+    store, rank, world = workers.distributed()
     if rank > 0:
-        return serve(store, rank, world)
+        return workers.serve(store, rank, world)
     log = lambda s: print(s, flush=True)  # noqa: E731
     try:
-        run = open_run(args, world, log)
-        device = star.resolve_device(args.device)
-        run.settings["device"] = device
-        torch.set_num_threads(run.settings["threads"])
-        if run.settings["objective"] == "quality-latency":
-            import bench
-            run.settings["latency_note"] = bench.search_latency_note(device)
-        evaluator = Evaluator(run.settings, rank_device(device) if world > 1 else device, log if world == 1 else lambda s: log(f"[rank 0] {s}"))
-        star.output_dir(run.out)  # created only once everything else has been checked
+        run, evaluator = start(args, world, log)
     except ValueError as e:
         if store is not None:
             store.set("settings", json.dumps({"abort": str(e)}))
         star.fail(e)
-    workers = StoreWorkers(evaluator, store, rank, world) if store is not None else Workers(evaluator)
+    pool = workers.StoreWorkers(evaluator, store, rank, world) if store is not None else workers.Workers(evaluator)
     if store is not None:
         store.set("settings", json.dumps(run.settings))
-    atomic_write(os.path.join(run.out, "evaluations.jsonl"), "".join(json.dumps(e) + "\n" for e in run.evaluations))
+    star.atomic_write(os.path.join(run.out, "evaluations.jsonl"), "".join(json.dumps(e) + "\n" for e in run.evaluations))
     s = run.settings
     log(f"STAR search: objective {s['objective']}, preset {s['preset_name']}, population {s['population']}, "
-        f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {device} x {world} process(es), "
+        f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {s['device']} x {world} process(es), "
         f"{s['threads']} thread(s) each; writing to {run.out}\n{star.budget_note(evaluator.corpus, evaluator.preset)}")
     run.save()
     try:
-        search(run, workers, log)
+        search(run, pool, log)
     except KeyboardInterrupt:  # everything finished is in the checkpoint already
-        write_outputs(run)
+        report.write_outputs(results(run))
         star.fail(f"interrupted: continue with python evolve.py --resume {run.out}")
     except NothingTrained as e:
-        write_outputs(run)
+        report.write_outputs(results(run))
         star.fail(e)
     finally:
-        workers.close()
-    write_outputs(run, log)
+        pool.close()
+    report.write_outputs(results(run), log)
+
+
+def start(args, world, log):
+    """The run (new or resumed) on its device, and its evaluator; every check before any write."""
+    run = open_run(args, world, log)
+    device = star.resolve_device(args.device)
+    run.settings["device"] = device
+    torch.set_num_threads(run.settings["threads"])
+    if run.settings["objective"] == "quality-latency":
+        import bench  # only the latency objective needs it
+        run.settings["latency_note"] = bench.search_latency_note(device)
+    evaluator = workers.Evaluator(run.settings, workers.rank_device(device) if world > 1 else device,
+                                  log if world == 1 else lambda s: log(f"[rank 0] {s}"))
+    star.output_dir(run.out)  # created only once everything else has been checked
+    return run, evaluator
 
 
 if __name__ == "__main__":

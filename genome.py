@@ -61,6 +61,23 @@ CLASS_INDEX = {c.name: i + 1 for i, c in enumerate(CATALOGUE)}
 
 FEATURE_SHARING = {1: "", 2: "BV", 3: "B", 4: "CB"}  # strategy -> shared feature groups (ours)
 GENES = 5
+# The backbone row's columns, by name: every file reads a row through these, not bare indices.
+CLASS, FZ_GROUP, FZ_STRATEGY, FT_GROUP, FT_STRATEGY = range(GENES)
+
+
+def featurizer_leader(g, i):
+    """0-based position of the LIV whose featurizer weights LIV i reuses, or None (its own)."""
+    return _leader(g, i, FZ_GROUP, FZ_STRATEGY)
+
+
+def feature_leader(g, i):
+    """0-based position of the LIV whose computed features LIV i reads, or None (its own)."""
+    return _leader(g, i, FT_GROUP, FT_STRATEGY)
+
+
+def _leader(g, i, group, strategy):
+    leader = int(g[i][group]) - 1
+    return leader if g[i][strategy] > 1 and leader != i else None
 
 
 def allowed_values(n_livs):
@@ -69,7 +86,7 @@ def allowed_values(n_livs):
 
 
 def lookup(genome_row):
-    return CATALOGUE[int(genome_row[0]) - 1]
+    return CATALOGUE[int(genome_row[CLASS]) - 1]
 
 
 def as_array(genome):
@@ -97,11 +114,11 @@ def _is_int64(v):
 
 
 def _featurizer_ok(g, leader, i):
-    return g[leader, 0] == g[i, 0]  # weight sharing needs identical featurizers: the same class
+    return g[leader, CLASS] == g[i, CLASS]  # weight sharing needs identical featurizers: the same class
 
 
 def _feature_supported(g, i):
-    return set(FEATURE_SHARING[g[i, 4]]) <= set(lookup(g[i]).groups)
+    return set(FEATURE_SHARING[g[i, FT_STRATEGY]]) <= set(lookup(g[i]).groups)
 
 
 def _feature_ok(g, leader, i):
@@ -109,8 +126,8 @@ def _feature_ok(g, leader, i):
 
 
 _SHARING = [  # (group column, strategy column, can lead, can follow leader)
-    (1, 2, lambda g, i: True, _featurizer_ok),
-    (3, 4, _feature_supported, _feature_ok),
+    (FZ_GROUP, FZ_STRATEGY, lambda g, i: True, _featurizer_ok),
+    (FT_GROUP, FT_STRATEGY, _feature_supported, _feature_ok),
 ]
 
 
@@ -158,7 +175,7 @@ def validate(genome):
             problems.append(f"LIV {i + 1}: gene {col + 1} = {g[i, col]} is outside {lo}..{hi}")
     if problems:
         return problems
-    names = {1: "featurizer", 3: "feature-group"}
+    names = {FZ_GROUP: "featurizer", FT_GROUP: "feature-group"}
     for group, strategy, can_lead, can_follow in _SHARING:
         for i in range(len(g)):
             leader = g[i, group] - 1
@@ -219,7 +236,8 @@ def scale(genome, n_livs, how):
     out = np.empty((n_livs, GENES), dtype=np.int64)
     for c in range(copies):
         for i, row in enumerate(g):
-            out[at(i, c)] = [row[0], at(row[1] - 1, c) + 1, row[2], at(row[3] - 1, c) + 1, row[4]]
+            out[at(i, c)] = row
+            out[at(i, c), [FZ_GROUP, FT_GROUP]] = [at(row[FZ_GROUP] - 1, c) + 1, at(row[FT_GROUP] - 1, c) + 1]
     return out
 
 
@@ -285,11 +303,11 @@ def load(spec):
 
 def liv_label(g, i):
     """A LIV's class, with its sharing: '<f3' featurizer of LIV 3, '<BV3' features B, V of LIV 3."""
-    label = lookup(g[i]).name
-    if g[i, 2] > 1 and g[i, 1] != i + 1:
-        label += f"<f{g[i, 1]}"
-    if g[i, 4] > 1 and g[i, 3] != i + 1:
-        label += f"<{FEATURE_SHARING[g[i, 4]]}{g[i, 3]}"
+    label, fz, ft = lookup(g[i]).name, featurizer_leader(g, i), feature_leader(g, i)
+    if fz is not None:
+        label += f"<f{fz + 1}"
+    if ft is not None:
+        label += f"<{FEATURE_SHARING[g[i, FT_STRATEGY]]}{ft + 1}"
     return label
 
 

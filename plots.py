@@ -1,4 +1,5 @@
-"""Figures of architectures and searches (matplotlib: optional, imported only here).
+"""Figures of architectures and searches (matplotlib: optional, imported only here). Each drawing
+takes plain data (genomes, result records) and writes a PNG; report.py chooses what to draw.
 
 - architecture: each genome as a strip of LIV blocks coloured by family, with arcs from a
   leader to the LIVs that share from it (above: featurizer weights; below: computed features);
@@ -35,15 +36,14 @@ def architecture(genomes, path, title=None):
                                    edgecolor="black", linewidth=0.6, hatch="///" if cls.diff else None))
             ax.text(i, y, cls.name, ha="center", va="center", fontsize=6, rotation=90,
                     bbox={"facecolor": "white", "alpha": 0.75, "linewidth": 0, "pad": 0.8} if cls.diff else None)
-            for group, strategy, up in ((1, 2, True), (3, 4, False)):
-                leader = g[i, group] - 1
-                if g[i, strategy] > 1 and leader != i:  # an arc from the leader to this follower
+            for leader, up in ((gn.featurizer_leader(g, i), True), (gn.feature_leader(g, i), False)):
+                if leader is not None:  # an arc from the leader to this follower
                     height, sign = min(1.5, 0.5 + 0.2 * (i - leader)), 1 if up else -1
                     ax.add_patch(Arc(((leader + i) / 2, y + 0.45 * sign), i - leader, height, theta1=0 if up else 180,
                                      theta2=180 if up else 360, linestyle="-" if up else "--", linewidth=1.1))
                     if not up:  # which features it reads
-                        ax.text((leader + i) / 2, y - 0.45 - height / 2, gn.FEATURE_SHARING[g[i, 4]], ha="center",
-                                va="top", fontsize=6)
+                        ax.text((leader + i) / 2, y - 0.45 - height / 2, gn.FEATURE_SHARING[g[i, gn.FT_STRATEGY]],
+                                ha="center", va="top", fontsize=6)
     handles = [Patch(facecolor=color, edgecolor="black", label=name) for name, color in FAMILIES.values()]
     handles += [Patch(facecolor="white", edgecolor="black", hatch="///", label="differential (Diff)"),
                 plt.Line2D([], [], color="black", label="arc above: shares featurizer weights"),
@@ -57,28 +57,30 @@ def architecture(genomes, path, title=None):
     plt.close(fig)
 
 
-def progress(run, path):
-    generations = sorted({e["generation"] for e in run.evaluations})
-    ppl = {g: [e["ppl"] for e in run.evaluations if e["generation"] == g and e["status"] == "ok"] for g in generations}
+def progress(evaluations, baselines, steps, path):
+    """Best and median perplexity of each generation's new candidates; baselines as lines."""
+    generations = sorted({e["generation"] for e in evaluations})
+    ppl = {g: [e["ppl"] for e in evaluations if e["generation"] == g and e["status"] == "ok"] for g in generations}
     kept = [g for g in generations if ppl[g]]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.plot(kept, [min(ppl[g]) for g in kept], "o-", label="best of the generation's new candidates")
     ax.plot(kept, [np.median(ppl[g]) for g in kept], "s--", label="median of them")
     ax.plot(kept, np.minimum.accumulate([min(ppl[g]) for g in kept]), ":", color="black", label="best so far")
-    for (name, b), color in zip(run.baselines.items(), ("tab:red", "tab:purple")):
+    for (name, b), color in zip(baselines.items(), ("tab:red", "tab:purple")):
         if b["status"] == "ok":
             ax.axhline(b["ppl"], color=color, linewidth=1, label=f"baseline {name}")
     ax.set_xticks(kept)
     ax.set_xlabel("generation (0: random genomes)"), ax.set_ylabel("validation perplexity")
-    ax.set_title(f"search progress ({run.settings['preset']['steps']} steps per candidate)", fontsize=9)
+    ax.set_title(f"search progress ({steps} steps per candidate)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def front(run, path, x_key, front_entries):
-    ok = [e for e in run.evaluations if e["status"] == "ok" and e.get(x_key) is not None]
+def front(evaluations, baselines, front_entries, x_key, objective, path):
+    """Every candidate's perplexity against the second objective, the front as a step line."""
+    ok = [e for e in evaluations if e["status"] == "ok" and e.get(x_key) is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     points = ax.scatter([e[x_key] for e in ok], [e["ppl"] for e in ok], c=[e["generation"] for e in ok],
                         cmap="viridis", s=18)
@@ -86,27 +88,27 @@ def front(run, path, x_key, front_entries):
     f = sorted(front_entries, key=lambda e: e[x_key])
     ax.step([e[x_key] for e in f], [e["ppl"] for e in f], where="post", color="black", linewidth=1,
             label="front of the final population")
-    for name, b in run.baselines.items():
+    for name, b in baselines.items():
         if b["status"] == "ok" and b.get(x_key) is not None:
             ax.scatter([b[x_key]], [b["ppl"]], marker="*", s=160, label=f"baseline {name}", zorder=3)
     ax.set_xlabel(x_key.replace("_", " ")), ax.set_ylabel("validation perplexity")
-    ax.set_title(f"{run.settings['objective']}: every candidate, lower left is better", fontsize=9)
+    ax.set_title(f"{objective}: every candidate, lower left is better", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def confirmation(run, path, pairs, rho):
-    s = run.settings
+def confirmation(pairs, rho, axis_labels, path):
+    """pairs: (label, search result, confirmed result); baselines (labels without '#') as stars."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, e, c in pairs:
         baseline = not label.startswith("#")
         ax.scatter([e["ppl"]], [c["ppl"]], marker="*" if baseline else "o", s=140 if baseline else 40,
                    color="tab:red" if baseline else "tab:blue")
         ax.annotate(label, (e["ppl"], c["ppl"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel(f"perplexity after {s['preset']['steps']} steps (search, seed {s['seed']})")
-    ax.set_ylabel(f"perplexity after {s['confirm_steps']} steps (seed {s['seed'] + 1})")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
     ax.set_title(f"confirmation: does the search's order hold? Spearman {rho:.2f}", fontsize=9)
     ax.text(0.01, 0.01, "lower is better on both axes; points rising from left to right: the order holds",
             transform=ax.transAxes, fontsize=7, color="dimgray")
@@ -114,25 +116,3 @@ def confirmation(run, path, pairs, rho):
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
-
-def run_figures(run):
-    """Every figure of a run, written beside its report; returns their names."""
-    import evolve
-    keys, names = evolve.OBJECTIVES[run.settings["objective"]], []
-    search_best, confirmed_best = evolve.best_genomes(run)
-    genomes = [(f"best ({'confirmed' if confirmed_best else 'search'})", (confirmed_best or search_best)["genome"])
-               ] if search_best else []
-    if confirmed_best and search_best and confirmed_best["key"] != search_best["key"]:
-        genomes.append(("search's best", search_best["genome"]))
-    genomes += [(name, b["genome"]) for name, b in run.baselines.items()]
-    figures = {"architecture": lambda p: architecture(genomes, p), "progress": lambda p: progress(run, p)}
-    if len(keys) > 1:
-        figures["front"] = lambda p: front(run, p, keys[1], evolve.final_table(run))
-    pairs = evolve.confirmed_pairs(run)
-    if len(pairs) > 1:
-        rho = evolve.spearman([e["ppl"] for _, e, _ in pairs], [c["ppl"] for _, _, c in pairs])
-        figures["confirmation"] = lambda p: confirmation(run, p, pairs, rho)
-    for name, draw in figures.items():
-        draw(os.path.join(run.out, name + ".png"))
-        names.append(name)
-    return names

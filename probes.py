@@ -11,7 +11,8 @@ trained on each task and scored by its accuracy where the task asks for an answe
     selective_copy     tokens scattered among blanks; after the copy token, the tokens in order
     memorization       a key -> value table fixed across all examples: the value of each key
 
-Each generator is a pure function of (numpy Generator, number of examples) returning inputs and
+This module offers data and a scorer and imports nothing of the project: star.probe drives the
+training. Each generator is a pure function of (numpy Generator, number of examples) returning inputs and
 targets (n, seq_len), aligned: targets[t] is what the model must output at position t. Sizes are
 MAD's shapes scaled down to train in seconds on a CPU (ours); the paper's sizes are parameters.
 """
@@ -20,8 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-import star
 
 IGNORE = -100
 
@@ -75,7 +74,8 @@ def memorization(rng, n, vocab=1024, seq_len=32):
 
 @dataclass(frozen=True)
 class Task:
-    """A probe task as a data source for star.train_candidate: batches(...) and score(...)."""
+    """A probe task as a data source for star.train_candidate (the protocol star.Corpus shares:
+    vocab_size, batches(...) and score(...)); star.probe trains a genome on each task."""
     name: str
     make: object  # generator (rng, n) -> (inputs, targets)
     vocab_size: int
@@ -91,10 +91,11 @@ class Task:
             yield x, y
 
     def score(self, model, preset, device):
-        """{'accuracy': share of answer positions where the model's most likely token is the answer}."""
+        """{'accuracy': share of answer positions where the model's most likely token is the answer}
+        (the caller chooses the precision: star.train_candidate scores under its autocast)."""
         model.eval()
         right = total = 0
-        with torch.no_grad(), star.autocast(device):
+        with torch.no_grad():
             for x, y in self.batches("test", preset.eval_batches, preset.batch_size, self.seq_len, preset.seed, device):
                 answer = y != IGNORE
                 right += (model(x)[0].argmax(-1)[answer] == y[answer]).sum().item()
@@ -119,17 +120,3 @@ TASKS = {t.name: t for t in (
     Task("memorization", memorization, 1024, 32, 60, 32, 3e-3),
 )}
 
-
-def probe(genome, preset, device="cpu", tasks=tuple(TASKS), log=None):
-    """Train a fresh model of the genome on each task: {'accuracy': {task: share}, 'mean': ...}, or
-    a 'failed' status with the first error."""
-    accuracy = {}
-    for name in tasks:
-        task = TASKS[name]
-        result = star.train_candidate(genome, task, task.preset(preset), device, log)
-        if result["status"] != "ok":
-            return {"status": "failed", "error": f"probe {name}: {result.get('error')}"}
-        accuracy[name] = result["accuracy"]
-        if log:
-            log(f"  probe {name}: accuracy {accuracy[name]:.3f} ({result['train_seconds']:.1f} s)")
-    return {"status": "ok", "accuracy": accuracy, "mean": float(np.mean(list(accuracy.values())))}

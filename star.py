@@ -1,8 +1,10 @@
 """Genome -> model, data, training and evaluation, static metrics (STAR paper sections 2, 4.1, 5).
 
-    python star.py train (--genome G | --baseline NAME) [--preset tiny] [--steps N] [--save model.pt]
-    python star.py show  (--genome G | --baseline NAME)
+    python star.py train  (--genome G | --baseline NAME) [--preset tiny] [--steps N] [--save model.pt]
+    python star.py show   (--genome G | --baseline NAME) [--plot architecture.png]
     python star.py sample --checkpoint model.pt [--prompt TEXT] [--tokens N]
+    python star.py probe  (--genome G | --baseline NAME) [--tasks recall,selective_copy]
+    python star.py scale  --genome G --n-livs N --how stack|stretch [--out scaled.json]
 
 G is a genome JSON file or the compact form (genome.to_compact). A model is the paper's fixed
 wrapper around the evolved backbone: embedding, x = x + LIV(RMSNorm(x)) per LIV, final RMSNorm,
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 import genome as gn
 import liv
+import probes
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare.txt.gz")
 
@@ -124,6 +127,17 @@ def check_preset(preset, genome=None):
     return preset
 
 
+def field(obj, key, kinds, where):
+    """obj[key] if it is one of kinds (a bool is no int here); else a ValueError naming the field."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise ValueError(f"{where}: no field '{key}'")
+    value = obj[key]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise ValueError(f"{where}.{key} is {str(value)[:40]!r}, not {names}")
+    return value
+
+
 def input_file(path, what):
     """path if it is a readable regular file; else one line naming it and the problem."""
     if not os.path.exists(path):
@@ -159,6 +173,16 @@ def output_dir(path, what="output directory"):
     return path
 
 
+def atomic_write(path, text):
+    """Write then rename: a kill at any moment leaves either the old or the new file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def fail(message):
     """The one way a command refuses: one line on stderr, exit code 1."""
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -189,15 +213,16 @@ class Model(nn.Module):
         self.norms = nn.ModuleList(nn.RMSNorm(width, eps=1e-6) for _ in self.genome)
         self.livs = nn.ModuleList()
         self.feature_leader = []  # per LIV: position of the LIV whose features it reads, or None
-        for i, row in enumerate(self.genome.tolist()):  # python ints: torch.compile guards on them
+        rows = self.genome.tolist()  # python ints: torch.compile guards on them
+        for i, row in enumerate(rows):
             cls = gn.lookup(row)
             cfg = liv.LIVConfig(mixer=cls.mixer, width=width, heads=heads, diff=cls.diff,
                                 max_len=max_len, chunk=chunk, **cls.featurizer)
-            fz_leader = row[1] - 1 if row[2] > 1 and row[1] - 1 != i else None
-            ft_leader = row[3] - 1 if row[4] > 1 and row[3] - 1 != i else None
+            fz_leader, ft_leader = gn.featurizer_leader(rows, i), gn.feature_leader(rows, i)
             self.feature_leader.append(ft_leader)
-            self.livs.append(liv.LIV(cfg, featurizer_from=self.livs[fz_leader] if fz_leader is not None else None,
-                                     shared_groups=tuple(gn.FEATURE_SHARING[row[4]]) if ft_leader is not None else ()))
+            shared = tuple(gn.FEATURE_SHARING[row[gn.FT_STRATEGY]]) if ft_leader is not None else ()
+            self.livs.append(liv.LIV(cfg, featurizer_from=None if fz_leader is None else self.livs[fz_leader],
+                                     shared_groups=shared))
         self.norm_f = nn.RMSNorm(width, eps=1e-6)
         self.lm_head = nn.Linear(width, vocab_size, bias=False)
         self.feature_leaders = set(self.feature_leader) - {None}  # LIVs whose features are read later
@@ -443,26 +468,27 @@ def evaluate(model, corpus, preset, device):
     return math.exp(min(total.item() / preset.eval_batches, 50.0))
 
 
-def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
-    """Train one architecture on a data source (a Corpus, or a probe task) and score it. Never raises
-    for a bad candidate: a NaN/inf loss, an out-of-memory error or any exception gives status
-    'failed' with the error."""
+def train_candidate(genome, source, preset, device=None, log=None, save=None):
+    """Train one architecture on a data source and score it (paper section 5: a score after a
+    fixed budget). Never raises for a bad candidate: a NaN/inf loss, an out-of-memory error or any
+    exception gives status 'failed' with the error.
+
+    A data source is what a Corpus and a probes.Task share: `vocab_size`, `batches(split,
+    n_batches, batch_size, seq_len, seed, device)` yielding (x, y) of (b, l) token ids, and
+    `score(model, preset, device)` -> {'ppl': ...} for text or {'accuracy': ...} for a task."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {"status": "failed", "ppl": None, "params": None, "cache_bytes": None,
               "train_seconds": 0.0, "tokens_per_second": 0.0}
     model = None
     try:
         torch.manual_seed(preset.seed)  # the same initialisation stream for every candidate
-        model = build_model(genome, preset, corpus.vocab_size).to(device)
+        model = build_model(genome, preset, source.vocab_size).to(device)
         result["params"], result["params_non_embedding"] = param_counts(model)
         result["cache_bytes"] = cache_bytes(model, preset.seq_len)
-        step_model = maybe_compile(model, preset, log)
-        optimizer = make_optimizer(model, preset, device)
-        check_every = max(1, preset.steps // 10)  # the loss is read back (one sync) this often
-        running, checked, printed = torch.zeros((), device=device), 0, time.perf_counter()
-        start = time.perf_counter()
-        batches = corpus.batches("train", preset.steps, preset.batch_size, preset.seq_len, preset.seed, device)
-        for step, (x, y) in enumerate(batches):
+        step_model, optimizer = maybe_compile(model, preset, log), make_optimizer(model, preset, device)
+        progress = Progress(preset, device, log)
+        batches = source.batches("train", preset.steps, preset.batch_size, preset.seq_len, preset.seed, device)
+        for step, (x, y) in enumerate(batches):  # x, y: (b, l)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, preset)
             with autocast(device):
@@ -471,34 +497,12 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            running += loss.detach()  # stays on the device: no host sync per step
-            if step == 0:  # the first step carries compilation and warm-up: counted as turnover
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                result["first_step_seconds"] = time.perf_counter() - start
-            if (step + 1) % check_every == 0 or step + 1 == preset.steps:
-                mean = running.item() / (step + 1 - checked)
-                running.zero_()
-                checked = step + 1
-                if not math.isfinite(mean):
-                    raise Diverged(f"loss is {mean} at step {step + 1}")
-                now = time.perf_counter()
-                if log and now - printed >= PROGRESS_SECONDS and step + 1 < preset.steps:
-                    printed, per_step = now, (now - start) / (step + 1)
-                    log(f"  step {step + 1}/{preset.steps}  loss {mean:.4f}  "
-                        f"{(step + 1) * preset.batch_size * preset.seq_len / (now - start):,.0f} tok/s  "
-                        f"{duration(per_step * (preset.steps - step - 1))} left")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        scores = corpus.score(model, preset, device)  # {'ppl': ...}, or {'accuracy': ...} for a probe task
-        if not all(math.isfinite(v) for v in scores.values()) or scores.get("ppl", 0) >= math.exp(50.0):
-            raise Diverged(f"validation scores are {scores}")
-        steady = seconds - result["first_step_seconds"]  # without the first (compiling) step
-        tokens_per_second = (preset.steps - 1) * preset.batch_size * preset.seq_len / steady if steady > 0 else 0.0
-        result.update(scores, train_seconds=seconds, tokens_per_second=tokens_per_second)
+            progress.step(step, loss)
+        result.update(progress.finish())
+        with autocast(device):
+            result.update(checked_scores(source.score(model, preset, device)))
         if save:
-            save_checkpoint(save, model, preset, corpus)
+            save_checkpoint(save, model, preset, source)
         result["status"] = "ok"  # only now: a model that could not be saved is not a success
     except Exception as e:  # noqa: BLE001 -- a failed candidate must never stop the search
         kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
@@ -508,6 +512,71 @@ def train_candidate(genome, corpus, preset, device=None, log=None, save=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def checked_scores(scores):
+    if not all(math.isfinite(v) for v in scores.values()) or scores.get("ppl", 0) >= math.exp(50.0):
+        raise Diverged(f"validation scores are {scores}")
+    return scores
+
+
+class Progress:
+    """The bookkeeping around the training step: the first step's time (it carries compilation and
+    warm-up: counted as turnover), the mean loss read back every tenth of the run (one host sync)
+    and checked for divergence, a progress line at most every PROGRESS_SECONDS, throughput at the end."""
+
+    def __init__(self, preset, device, log):
+        self.preset, self.device, self.log = preset, device, log
+        self.every = max(1, preset.steps // 10)
+        self.running, self.checked, self.first_step = torch.zeros((), device=device), 0, 0.0
+        self.start = self.printed = time.perf_counter()
+
+    def step(self, step, loss):
+        self.running += loss.detach()  # stays on the device: no host sync per step
+        if step == 0:
+            self.sync()
+            self.first_step = time.perf_counter() - self.start
+        if (step + 1) % self.every == 0 or step + 1 == self.preset.steps:
+            self.check(step + 1)
+
+    def check(self, done):
+        mean = self.running.item() / (done - self.checked)
+        self.running.zero_()
+        self.checked = done
+        if not math.isfinite(mean):
+            raise Diverged(f"loss is {mean} at step {done}")
+        now, p = time.perf_counter(), self.preset
+        if self.log and now - self.printed >= PROGRESS_SECONDS and done < p.steps:
+            self.printed = now
+            self.log(f"  step {done}/{p.steps}  loss {mean:.4f}  "
+                     f"{done * p.batch_size * p.seq_len / (now - self.start):,.0f} tok/s  "
+                     f"{duration((now - self.start) / done * (p.steps - done))} left")
+
+    def finish(self):
+        self.sync()
+        seconds, p = time.perf_counter() - self.start, self.preset
+        steady = seconds - self.first_step  # without the first (compiling) step
+        tokens_per_second = (p.steps - 1) * p.batch_size * p.seq_len / steady if steady > 0 else 0.0
+        return {"first_step_seconds": self.first_step, "train_seconds": seconds, "tokens_per_second": tokens_per_second}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def probe(genome, preset, device="cpu", tasks=tuple(probes.TASKS), log=None):
+    """The capability probes (MAD): a fresh model of the genome trained on each task of probes.py;
+    {'status': 'ok', 'accuracy': {task: share}, 'mean': ...}, or 'failed' with the first error."""
+    accuracy = {}
+    for name in tasks:
+        task = probes.TASKS[name]
+        result = train_candidate(genome, task, task.preset(preset), device, log)
+        if result["status"] != "ok":
+            return {"status": "failed", "error": f"probe {name}: {result.get('error')}"}
+        accuracy[name] = result["accuracy"]
+        if log:
+            log(f"  probe {name}: accuracy {accuracy[name]:.3f} ({result['train_seconds']:.1f} s)")
+    return {"status": "ok", "accuracy": accuracy, "mean": float(np.mean(list(accuracy.values())))}
 
 
 def duration(seconds):
@@ -638,12 +707,12 @@ def budget_note(corpus, preset):
     return note
 
 
-def sharing_cell(g, i, group, strategy, what=""):
+def sharing_cell(g, i, leader_of, what=""):
     """'B, V of LIV 3' (follows LIV 3), 'leads' (a later LIV shares from it) or 'own'."""
-    if g[i, strategy] > 1 and g[i, group] != i + 1:
-        return f"{what} of LIV {g[i, group]}".strip()
-    followers = (g[:, group] == i + 1) & (g[:, strategy] > 1) & (np.arange(len(g)) != i)
-    return "leads" if followers.any() else "own"
+    leader = leader_of(g, i)
+    if leader is not None:
+        return f"{what} of LIV {leader + 1}".strip()
+    return "leads" if any(leader_of(g, j) == i for j in range(len(g))) else "own"
 
 
 def show(genome, preset, vocab_size=256):
@@ -651,8 +720,8 @@ def show(genome, preset, vocab_size=256):
     g = model.genome
     print(f"{gn.summary(g)}\n{'#':>3}  {'class':<13}{'featurizer':<12}{'features':<14}{'params':>10}{'cache (bf16)':>14}")
     for i, layer in enumerate(model.livs):
-        fz = sharing_cell(g, i, 1, 2, "weights")
-        ft = sharing_cell(g, i, 3, 4, ", ".join(gn.FEATURE_SHARING[g[i, 4]]))
+        fz = sharing_cell(g, i, gn.featurizer_leader, "weights")
+        ft = sharing_cell(g, i, gn.feature_leader, ", ".join(gn.FEATURE_SHARING[g[i, gn.FT_STRATEGY]]))
         print(f"{i + 1:>3}  {gn.lookup(g[i]).name:<13}{fz:<12}{ft:<14}{layer.param_count():>10,}"
               f"{layer.cache_bytes(1, preset.seq_len, 2):>14,}")
     total, non_emb = param_counts(model)
@@ -678,42 +747,48 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
-def main(argv=None):
-    parser = Parser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{train,show,sample,probe,scale}")
-    for name, what in (("train", "train one architecture, print its validation perplexity"),
-                       ("show", "list an architecture's LIVs, sharing, parameters and cache")):
-        p = sub.add_parser(name, help=what, description=what)
-        source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--genome", help="genome JSON file or compact form, e.g. 1.1.1.1.1-9.2.1.2.1")
-        source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}")
-        add_preset_args(p)
-        p.add_argument("--data", help="a .txt (bytes) or .bin (uint16 tokens) file; default: embedded Shakespeare")
-        p.add_argument("--vocab-size", type=number("vocab_size"), help="vocabulary of a .bin token file")
-        if name == "train":
-            p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-            p.add_argument("--save", help="write the trained model to this checkpoint file")
-        else:
-            p.add_argument("--plot", help="also draw the architecture to this PNG file (needs matplotlib)")
-    what = "train a fresh model of the genome on each capability probe (MAD's synthetic tasks)"
-    p = sub.add_parser("probe", help=what, description=what)
+def add_genome_source(p, baseline_note=""):
+    """The --genome / --baseline pair every genome-reading command takes (exactly one)."""
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--genome", help="genome JSON file or compact form")
-    source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}")
+    source.add_argument("--genome", help="genome JSON file or compact form, e.g. 1.1.1.1.1-9.2.1.2.1")
+    source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}{baseline_note}")
+
+
+def add_data_args(p):
+    p.add_argument("--data", help="a .txt (bytes) or .bin (uint16 tokens) file; default: embedded Shakespeare")
+    p.add_argument("--vocab-size", type=number("vocab_size"), help="vocabulary of a .bin token file")
+
+
+def add_train_args(p):
+    add_genome_source(p)
     add_preset_args(p)
-    p.add_argument("--tasks", default=None, help="comma-separated: recall, noisy_recall, selective_copy, memorization "
-                                                 "(default: all)")
+    add_data_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    what = "extrapolate a genome to a multiple of its depth: stack repeats it whole, stretch repeats each LIV"
-    p = sub.add_parser("scale", help=what, description=what)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--genome", help="genome JSON file or compact form")
-    source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)} (at --n-livs directly)")
+    p.add_argument("--save", help="write the trained model to this checkpoint file")
+
+
+def add_show_args(p):
+    add_genome_source(p)
+    add_preset_args(p)
+    add_data_args(p)
+    p.add_argument("--plot", help="also draw the architecture to this PNG file (needs matplotlib)")
+
+
+def add_probe_args(p):
+    add_genome_source(p)
+    add_preset_args(p)
+    p.add_argument("--tasks", default=None, help=f"comma-separated: {', '.join(probes.TASKS)} (default: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def add_scale_args(p):
+    add_genome_source(p, " (at --n-livs directly)")
     p.add_argument("--n-livs", type=number("n_livs"), required=True, help="the new depth, a multiple of the genome's")
     p.add_argument("--how", choices=["stack", "stretch"], default="stack", help="Composer's two extrapolations")
     p.add_argument("--out", help="write the genome to this JSON file (default: print it)")
-    what = "generate text from a checkpoint written by train --save"
-    p = sub.add_parser("sample", help=what, description=what)
+
+
+def add_sample_args(p):
     p.add_argument("--checkpoint", required=True, help="a file written by star.py train --save")
     p.add_argument("--prompt", default="\n", help="text, or space-separated token ids for a token model")
     p.add_argument("--tokens", type=number("tokens"), default=None,
@@ -721,12 +796,98 @@ def main(argv=None):
     p.add_argument("--temperature", type=number("temperature"), default=0.8, help="sampling temperature")
     p.add_argument("--top-k", type=number("top_k"), default=None, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=number("seed"), default=0, help="sampling seed")
+
+
+def checked_genome(args):
+    """The command's preset and genome, checked against each other."""
+    preset = preset_from_args(args)
+    g = genome_from_args(args, preset.n_livs)
+    return check_preset(preset, g), g
+
+
+def train_command(args):
+    preset, g = checked_genome(args)
+    device = resolve_device(args.device)
+    if args.save:
+        output_file(args.save, "checkpoint")
+    corpus = Corpus(args.data, args.vocab_size).check(preset)
+    print(f"training {gn.summary(g)} ({len(g)} LIVs) on {device}, preset {preset_name(args.preset)}\n"
+          f"{budget_note(corpus, preset)}", flush=True)
+    result = train_candidate(g, corpus, preset, device, log=lambda s: print(s, flush=True), save=args.save)
+    print(json.dumps({"genome": gn.to_compact(g), **result}))
+    if result["status"] != "ok":
+        fail(f"training failed: {result.get('error')}")
+
+
+def show_command(args):
+    preset, g = checked_genome(args)
+    plot = args.plot and output_file(args.plot, "plot")
+    show(g, preset, args.vocab_size or 256)
+    if plot:
+        try:
+            import plots  # matplotlib is optional
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+        plots.architecture([(gn.summary(g)[:40], g)], plot)
+        print(f"architecture drawn to {plot}")
+
+
+def probe_command(args):
+    preset, g = checked_genome(args)
+    tasks = args.tasks.split(",") if args.tasks else list(probes.TASKS)
+    unknown = set(tasks) - set(probes.TASKS)
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(probes.TASKS)}")
+    result = probe(g, preset, resolve_device(args.device), tasks, log=lambda s: print(s, flush=True))
+    print(json.dumps({"genome": gn.to_compact(g), **result}))
+    if result["status"] != "ok":
+        fail(result["error"])
+
+
+def scale_command(args):
+    out = args.out and output_file(args.out, "genome file")
+    g = genome_from_args(args, args.n_livs)
+    g = gn.scale(g, args.n_livs, args.how) if args.genome else g
+    if out:
+        with open(out, "w") as f:
+            f.write(gn.to_json(g) + "\n")
+    print(f"{gn.summary(g)}\n{gn.to_compact(g)}" + (f"\nwritten to {out}" if out else ""))
+
+
+def sample_command(args):
+    model, preset = load_checkpoint(args.checkpoint)
+    prompt = prompt_ids(model, args.prompt)
+    room = preset.seq_len - len(prompt) if any(layer.cfg.mixer == "long_conv" for layer in model.livs) else 200
+    tokens = args.tokens or min(200, room)
+    if tokens > room:
+        raise ValueError(f"prompt + tokens exceed the model's long-filter length {preset.seq_len}")
+    out = generate(model, torch.tensor([prompt]), tokens, args.temperature, args.top_k,
+                   generator=torch.Generator().manual_seed(args.seed))[0].tolist()
+    print(bytes(out).decode("utf-8", errors="replace") if model.embed.num_embeddings == 256 else " ".join(map(str, out)))
+
+
+COMMANDS = {  # name: (what it does, its flags, what it runs)
+    "train": ("train one architecture, print its validation perplexity", add_train_args, train_command),
+    "show": ("list an architecture's LIVs, sharing, parameters and cache", add_show_args, show_command),
+    "sample": ("generate text from a checkpoint written by train --save", add_sample_args, sample_command),
+    "probe": ("train a fresh model of the genome on each capability probe (MAD's synthetic tasks)",
+              add_probe_args, probe_command),
+    "scale": ("extrapolate a genome to a multiple of its depth: stack repeats it whole, stretch repeats each LIV",
+              add_scale_args, scale_command),
+}
+
+
+def main(argv=None):
+    parser = Parser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (what, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=what, description=what))
     args = parser.parse_args(argv)
     if args.command is None:  # no command: list them
         parser.print_help(sys.stderr)
         sys.exit(1)
     try:
-        run(args)
+        COMMANDS[args.command][2](args)
     except ValueError as e:
         fail(e)
 
@@ -746,64 +907,6 @@ def prompt_ids(model, text):
     if not prompt:
         raise ValueError("--prompt is empty")
     return prompt
-
-
-def run(args):
-    if args.command == "sample":
-        model, preset = load_checkpoint(args.checkpoint)
-        prompt = prompt_ids(model, args.prompt)
-        room = preset.seq_len - len(prompt) if any(l.cfg.mixer == "long_conv" for l in model.livs) else 200
-        tokens = args.tokens or min(200, room)
-        if tokens > room:
-            raise ValueError(f"prompt + tokens exceed the model's long-filter length {preset.seq_len}")
-        out = generate(model, torch.tensor([prompt]), tokens, args.temperature, args.top_k,
-                       generator=torch.Generator().manual_seed(args.seed))[0].tolist()
-        print(bytes(out).decode("utf-8", errors="replace") if model.embed.num_embeddings == 256 else " ".join(map(str, out)))
-        return
-    if args.command == "scale":
-        out = args.out and output_file(args.out, "genome file")
-        g = genome_from_args(args, args.n_livs)
-        g = gn.scale(g, args.n_livs, args.how) if args.genome else g
-        if out:
-            with open(out, "w") as f:
-                f.write(gn.to_json(g) + "\n")
-        print(f"{gn.summary(g)}\n{gn.to_compact(g)}" + (f"\nwritten to {out}" if out else ""))
-        return
-    preset = preset_from_args(args)
-    g = genome_from_args(args, preset.n_livs)
-    check_preset(preset, g)
-    if args.command == "probe":
-        import probes
-        tasks = args.tasks.split(",") if args.tasks else list(probes.TASKS)
-        unknown = set(tasks) - set(probes.TASKS)
-        if unknown:
-            raise ValueError(f"--tasks: unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(probes.TASKS)}")
-        result = probes.probe(g, preset, resolve_device(args.device), tasks, log=lambda s: print(s, flush=True))
-        print(json.dumps({"genome": gn.to_compact(g), **result}))
-        if result["status"] != "ok":
-            fail(result["error"])
-        return
-    if args.command == "show":
-        plot = args.plot and output_file(args.plot, "plot")
-        show(g, preset, args.vocab_size or 256)
-        if plot:
-            try:
-                import plots
-            except ImportError:
-                raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
-            plots.architecture([(gn.summary(g)[:40], g)], plot)
-            print(f"architecture drawn to {plot}")
-        return
-    device = resolve_device(args.device)
-    if args.save:
-        output_file(args.save, "checkpoint")
-    corpus = Corpus(args.data, args.vocab_size).check(preset)
-    print(f"training {gn.summary(g)} ({len(g)} LIVs) on {device}, preset {preset_name(args.preset)}\n"
-          f"{budget_note(corpus, preset)}", flush=True)
-    result = train_candidate(g, corpus, preset, device, log=lambda s: print(s, flush=True), save=args.save)
-    print(json.dumps({"genome": gn.to_compact(g), **result}))
-    if result["status"] != "ok":
-        fail(f"training failed: {result.get('error')}")
 
 
 if __name__ == "__main__":

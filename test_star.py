@@ -432,6 +432,7 @@ def test_star_cli_train_show_sample(tmp_path):
 
 import bench  # noqa: E402
 import evolve  # noqa: E402
+import report  # noqa: E402
 
 
 def test_non_dominated_sort_hand_worked():
@@ -533,6 +534,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, cap
         evolve.main(search_args(tmp_path / "killed"))
     assert "--resume" in capsys.readouterr().err
     monkeypatch.setattr(star, "train_candidate", original)
+    as_version_2(tmp_path / "killed" / "checkpoint.json")  # the last release's checkpoints still resume
     evolve.main(["--resume", str(tmp_path / "killed")])
 
     def key(e):
@@ -542,6 +544,40 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, cap
     assert [key(e) for e in resumed] == [key(e) for e in straight]
     final = [json.load(open(tmp_path / d / "checkpoint.json"))["population"] for d in ("straight", "killed")]
     assert final[0] == final[1]
+
+
+def as_version_2(path):
+    """Rewrite a checkpoint in version 2's names: 'batch' for the pending genomes, 'extra' for the
+    noise and confirmation results under 'seed:' and 'confirm:' prefixes."""
+    s = json.loads(path.read_text())
+    extra = {**{"seed:" + k: e for k, e in s.pop("noise").items()},
+             **{"confirm:" + k: e for k, e in s.pop("confirmed").items()}}
+    assert extra  # the noise-floor run, at least, so that the conversion is exercised
+    s.update(version=2, batch=s.pop("pending"), extra=extra)
+    path.write_text(json.dumps(s))
+
+
+def test_imports_run_one_way():
+    """Each top-level module imports only modules below it (inside functions too): no circle."""
+    import ast
+    order = ["liv", "genome", "probes", "plots", "star", "bench", "report", "workers", "evolve"]
+    assert sorted(order) == sorted(p[:-3] for p in os.listdir(".") if p.endswith(".py") and not p.startswith("test_"))
+    for level, name in enumerate(order):
+        imported = set()
+        for node in ast.walk(ast.parse(open(name + ".py").read())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        above = imported & set(order[level:])
+        assert not above, f"{name}.py imports {above}, which sit above it (or itself)"
+
+
+def test_leader_helpers_read_the_sharing_genes():
+    g = gn.repair([[1, 1, 2, 1, 2], [1, 1, 2, 1, 2], [9, 3, 1, 3, 1], [1, 1, 2, 4, 1]])  # 2, 4 follow 1's featurizer
+    assert [gn.featurizer_leader(g, i) for i in range(4)] == [None, 0, None, 0]
+    assert [gn.feature_leader(g, i) for i in range(4)] == [None, 0, None, None]
+    assert gn.liv_label(g, 1) == "SA-1<f1<BV1" and gn.liv_label(g, 3) == "SA-1<f1"
 
 
 def test_resume_a_finished_run_to_extend_it(tmp_path):
@@ -851,7 +887,7 @@ CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
     (lambda s: s.update(generation="0"), "generation"),
     (lambda s: s["population"].append("99.1.1.1.1-9.2.1.2.1"), "population[2]"),
     (lambda s: s["population"].append("1.1.1.1.1"), "population[2]"),
-    (lambda s: s.update(batch=[7]), "batch[0]"),
+    (lambda s: s.update(pending=[7]), "pending[0]"),
     (lambda s: s["evaluations"][0].update(ppl="x"), "evaluations[0].ppl"),
     (lambda s: s["evaluations"][0].update(ppl=None), "evaluations[0].ppl"),
     (lambda s: s["evaluations"][0].update(status="maybe"), "evaluations[0].status"),
@@ -978,8 +1014,8 @@ def test_time_left_counts_confirmation_models_without_their_probes():
     from types import SimpleNamespace
     batch = [gn.to_compact(gn.random_genome(4, np.random.default_rng(i))) for i in range(4)]
     entry = lambda c: {"key": evolve.model_key(c), "seconds": 10.0, "measure_seconds": 6.0}
-    run = SimpleNamespace(evaluations=[entry(batch[0])], baselines={b: entry(batch[0]) for b in evolve.BASELINES},
-                          batch=batch, results={evolve.model_key(batch[0]): {}}, generation=0, extra={},
+    run = SimpleNamespace(evaluations=[entry(batch[0])], baselines={b: entry(batch[0]) for b in evolve.SEARCH_BASELINES},
+                          pending=batch, results={evolve.model_key(batch[0]): {}}, generation=0, confirmed={},
                           settings={"generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3,
                                     "preset": {"steps": 10}})
     assert len(set(map(evolve.model_key, batch))) == 4
@@ -999,7 +1035,7 @@ def test_report_tables_render(confirmed_run):
 def test_report_leads_with_the_confirmation(confirmed_run):
     report = (confirmed_run / "report.md").read_text()
     state = json.loads((confirmed_run / "checkpoint.json").read_text())
-    confirmed = [e for k, e in state["extra"].items() if k.startswith("confirm:")]
+    confirmed = list(state["confirmed"].values())
     assert len(confirmed) == 4 and all(e["train_seconds"] > 0 for e in confirmed)  # top 2 + both baselines
     assert report.index("## Confirmed result") < report.index("## Top 10")
     for e in confirmed:
@@ -1023,12 +1059,12 @@ def test_report_has_noise_floor_evolution_line_and_legend(confirmed_run):
 
 
 def test_spearman_hand_worked():
-    assert evolve.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
+    assert report.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
     # ties share their mean rank: ranks (1, 2.5, 2.5, 4), Pearson with (1, 2, 3, 4) = 4.5 / sqrt(5 * 4.5)
-    assert evolve.spearman([10, 20, 30, 40], [1, 2, 2, 3]) == pytest.approx(4.5 / np.sqrt(22.5))
-    assert evolve.spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
-    assert evolve.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert np.isnan(evolve.spearman([1], [2]))
+    assert report.spearman([10, 20, 30, 40], [1, 2, 2, 3]) == pytest.approx(4.5 / np.sqrt(22.5))
+    assert report.spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
+    assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(report.spearman([1], [2]))
 
 
 def test_confirmation_resumes_after_a_kill_in_the_middle(tmp_path, monkeypatch, capsys, confirmed_run):
@@ -1044,13 +1080,12 @@ def test_confirmation_resumes_after_a_kill_in_the_middle(tmp_path, monkeypatch, 
     monkeypatch.setattr(star, "train_candidate", killed_in_the_confirmation)
     with pytest.raises(SystemExit):
         evolve.main(search_args(tmp_path, *CONFIRMED))
-    assert sum(k.startswith("confirm:") for k in json.loads((tmp_path / "checkpoint.json").read_text())["extra"]) == 1
+    assert len(json.loads((tmp_path / "checkpoint.json").read_text())["confirmed"]) == 1
     monkeypatch.setattr(star, "train_candidate", original)
     evolve.main(["--resume", str(tmp_path)])
 
     def confirmed(out):
-        extra = json.loads((out / "checkpoint.json").read_text())["extra"]
-        return {k: e["ppl"] for k, e in extra.items() if k.startswith("confirm:")}
+        return {k: e["ppl"] for k, e in json.loads((out / "checkpoint.json").read_text())["confirmed"].items()}
     assert confirmed(tmp_path) == confirmed(confirmed_run)  # as if it had never been killed
     assert "## Confirmed result: 4 models" in (tmp_path / "report.md").read_text()
 
@@ -1058,7 +1093,7 @@ def test_confirmation_resumes_after_a_kill_in_the_middle(tmp_path, monkeypatch, 
 def test_confirmation_can_be_skipped(tmp_path):
     evolve.main(search_args(tmp_path, "--generations", "1", "--confirm-steps", "0"))
     state = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert not any(k.startswith("confirm:") for k in state["extra"])
+    assert not state["confirmed"]
     assert "Confirmation skipped" in (tmp_path / "report.md").read_text()
 
 
@@ -1117,7 +1152,7 @@ def test_report_says_how_to_get_figures_without_matplotlib(tmp_path, monkeypatch
 def fake_run(ppl, population, batch, objective="quality"):
     settings = {"objective": objective, "population": len(population) or len(batch), "seed": 0}
     run = evolve.Run("unused", settings)
-    run.population, run.batch = population, batch
+    run.population, run.pending = population, batch
     run.evaluations = [{"key": evolve.model_key(c), "status": "ok", "ppl": p, "compact": c} for c, p in ppl.items()]
     return run
 
@@ -1199,13 +1234,14 @@ def outcome(out):
     stage, and its final population."""
     s = json.loads((out / "checkpoint.json").read_text())
     return {"candidates": {(e["generation"], e["compact"]): e["ppl"] for e in s["evaluations"]},
-            "extra": {k: e["ppl"] for k, e in s["extra"].items()},
+            "noise": {k: e["ppl"] for k, e in s["noise"].items()},
+            "confirmed": {k: e["ppl"] for k, e in s["confirmed"].items()},
             "baselines": {k: e["ppl"] for k, e in s["baselines"].items()}, "population": s["population"]}
 
 
 def assert_same_outcome(a, b):
     assert a["population"] == b["population"]
-    for part in ("candidates", "extra", "baselines"):
+    for part in ("candidates", "noise", "confirmed", "baselines"):
         assert a[part].keys() == b[part].keys(), part
         for k in a[part]:
             assert a[part][k] == pytest.approx(b[part][k], rel=1e-6), (part, k)
@@ -1388,9 +1424,9 @@ def test_probe_results_are_identical_for_identical_genomes_and_seeds(monkeypatch
     monkeypatch.setattr(probes, "TASKS", {k: dataclasses.replace(t, steps=6) for k, t in probes.TASKS.items()})
     preset = dataclasses.replace(TINY, width=16, heads=2, n_livs=2)
     g = gn.baseline("striped-mamba", 2)
-    first, second = probes.probe(g, preset), probes.probe(g, preset)
+    first, second = star.probe(g, preset), star.probe(g, preset)
     assert first["status"] == "ok" and first == second and set(first["accuracy"]) == set(probes.TASKS)
-    assert probes.probe(g, dataclasses.replace(preset, seed=1)) != first  # the seed does matter
+    assert star.probe(g, dataclasses.replace(preset, seed=1)) != first  # the seed does matter
 
 
 def test_probe_command_prints_one_json_line(monkeypatch, capsys):
@@ -1409,8 +1445,8 @@ def test_quality_recall_search_records_probes_and_reports_them(tmp_path, monkeyp
     for e in evaluations:
         assert set(e["probes"]) == set(probes.TASKS)
         assert e["recall_error"] == pytest.approx(1 - np.mean(list(e["probes"].values())))
-        assert e["measure_seconds"] > 0 and evolve.turnover(e) >= 0  # probing is measured work, not turnover
-    report = (tmp_path / "report.md").read_text()
-    assert "recall acc" in report and "probed candidates are recall-capable" in report
+        assert e["measure_seconds"] > 0 and report.turnover(e) >= 0  # probing is measured work, not turnover
+    text = (tmp_path / "report.md").read_text()
+    assert "recall acc" in text and "probed candidates are recall-capable" in text
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     assert all("probes" in b for b in state["baselines"].values()) and state["settings"]["probes"]
