@@ -326,7 +326,8 @@ def suite_commands(args):
     """The suite's commands by section: (section, argv) pairs, bench.py's own or evolve.py's."""
     shape = SHAPES["smoke" if args.smoke else "reference"]
     model, train_shape = shape["model"], shape["model"] + shape["train"]
-    every_class = gn.to_compact(gn.repair([[i % 17 + 1, i + 1, 1, i + 1, 1] for i in range(17)]))
+    n = len(gn.CATALOGUE)
+    every_class = gn.to_compact(gn.repair([[i + 1, i + 1, 1, i + 1, 1] for i in range(n)]))
     compile_flag = [] if args.smoke else ["--compile"]  # inductor on a CPU takes minutes per model
     whole_flag = [] if args.smoke else ["--compile-model"]
     decode = ["--prompt-len", "16", "--decode-tokens", "4"] if args.smoke else ["--dtype", "bfloat16"]

@@ -4,9 +4,9 @@ validation and repair, the variation operators, text forms and the baselines.
 - Featurizer genome: per class, how features are computed (`LIVClass.featurizer`: expansion,
   repeat factor, short convolution, state size).
 - Operator genome: 5 integers per LIV class (featurizer class, token mixing, sparsity mask,
-  nonlinearity, channel mixing), in the 17-class `CATALOGUE`.
+  nonlinearity, channel mixing), in the 21-class `CATALOGUE` (the paper's 17, then 4 of ours).
 - Backbone genome: an (n_livs, 5) integer array, one row per LIV in depth:
-      0 LIV class (1..17, an index into CATALOGUE)
+      0 LIV class (1..21, an index into CATALOGUE)
       1 featurizer-sharing group (1..n_livs)   2 featurizer-sharing strategy (1 none, 2 all weights)
       3 feature-group-sharing group (1..n_livs) 4 feature-group strategy (FEATURE_SHARING)
   A group is led by its first member in depth. In the canonical (valid) form a group gene holds
@@ -35,8 +35,13 @@ class LIVClass:
     @property
     def groups(self):
         """Feature groups the class computes (and so can share)."""
-        return {"attention": "CBV", "recurrence": "CBVA", "short_conv": "CBV",
+        return {"attention": "CBV", "recurrence": "CBVA", "delta": "CBVA", "short_conv": "CBV",
                 "long_conv": "CBV", "gated": "CV"}[self.mixer]
+
+    @property
+    def family(self):
+        """The figures' colour: the mixer, with sliding-window attention apart from full attention."""
+        return "sliding" if self.featurizer.get("window") else self.mixer
 
 
 # Token mixing codes (paper section 3): 1 diagonal, 2 low-rank, 3 scaled Toeplitz, 4 semi-separable.
@@ -56,7 +61,17 @@ GMEMLESS = LIVClass("GMemless", (9, 1, 1, 4, 2), "gated", {"expansion": 8 / 3}, 
 # Differential variants (paper): featurizer classes 10..17 (ours: the numbering is not published).
 _DIFF = [LIVClass(c.name + "-Diff", (10 + i,) + c.operator[1:], c.mixer, c.featurizer, c.layout + "-diff", True)
          for i, c in enumerate(_BASE)]
-CATALOGUE = _BASE + [GMEMLESS] + _DIFF   # genome gene 0 = position in this list + 1
+# Beyond the paper (ours): the operators of 2025's hybrids, numbered after the paper's 17 so that
+# every earlier genome keeps its meaning. Delta-1 shares features with Delta-1 only, SWA-1 with
+# SWA-1 only (layouts "delta" and "swa"); their Diff forms likewise among themselves.
+SWA_WINDOW = 64  # tokens (ours): half the tiny preset's sequence, a sixteenth of the gpu preset's
+_NEW = [
+    LIVClass("Delta-1", (18, 4, 1, 1, 1), "delta", {"feature_conv": 3}, "delta"),
+    LIVClass("SWA-1", (19, 2, 2, 2, 3), "attention", {"window": SWA_WINDOW}, "swa"),
+]
+_NEW_DIFF = [LIVClass(c.name + "-Diff", (18 + len(_NEW) + i,) + c.operator[1:], c.mixer, c.featurizer,
+                      c.layout + "-diff", True) for i, c in enumerate(_NEW)]
+CATALOGUE = _BASE + [GMEMLESS] + _DIFF + _NEW + _NEW_DIFF   # genome gene 0 = position in this list + 1
 CLASS_INDEX = {c.name: i + 1 for i, c in enumerate(CATALOGUE)}
 
 FEATURE_SHARING = {1: "", 2: "BV", 3: "B", 4: "CB"}  # strategy -> shared feature groups (ours)
@@ -331,6 +346,10 @@ UNITS = {  # what each base class computes, in words (reports and the README's l
     "GConv-1": "double-gated short convolution, y = C * conv3(B * V)",
     "GConv-2": "double-gated long convolution, implicit filter as long as the sequence (Hyena)",
     "GMemless": "SwiGLU MLP, hidden 8/3 of the width: no token mixing",
+    "Delta-1": "gated delta rule (Gated DeltaNet): a k x k state per head that erases before it writes, "
+               "L2-normalised q and k, short convolution on features (ours, beyond the paper)",
+    "SWA-1": f"sliding-window attention: each token sees the last {SWA_WINDOW}, a cache of {SWA_WINDOW} positions "
+             "(ours, beyond the paper)",
 }
 TOKEN_MIXING = {1: "diagonal", 2: "low-rank", 3: "scaled Toeplitz", 4: "semi-separable"}
 
@@ -338,7 +357,7 @@ TOKEN_MIXING = {1: "diagonal", 2: "low-rank", 3: "scaled Toeplitz", 4: "semi-sep
 def legend():
     """How to read genomes, summaries and classes, as markdown lines (the README has the same text)."""
     rows = [f"| {c.name} | {'.'.join(map(str, c.operator))} | {TOKEN_MIXING[c.operator[1]]} | {UNITS[c.name]} |"
-            for c in _BASE + [GMEMLESS]]
+            for c in _BASE + [GMEMLESS] + _NEW]
     return [
         "A genome has one row of 5 genes per LIV (linear input-varying operator), in depth order: its class; its "
         "featurizer-sharing group and strategy (1 none, 2 reuse all featurizer weights of the group's first LIV); its "
@@ -348,8 +367,8 @@ def legend():
         "Summaries: `SA-1<f3` reuses the featurizer weights of LIV 3; `SA-1<BV3` reads the B and V features of LIV 3 "
         "(for attention: its K/V cache, so it keeps none); `x4` after a motif: it repeats 4 times.", "",
         "| class | operator genome | token mixing | unit |", "|---|---|---|---|", *rows,
-        "| X-Diff | 10..17 | as X | differential X: two copies with their own C and B and a shared V, y1 - lambda * y2 "
-        "(lambda per head), then a per-head norm |", "",
+        "| X-Diff | 10..17, 20, 21 | as X | differential X: two copies with their own C and B and a shared V, "
+        "y1 - lambda * y2 (lambda per head), then a per-head norm |", "",
         "Baselines: Transformer++ repeats (SA-1, GMemless); StripedMamba repeats (Rec-1, GMemless, Rec-1, GMemless, "
         "SA-1, GMemless); StripedHyena is StripedMamba with GConv-2 for Rec-1."]
 

@@ -125,7 +125,8 @@ class AttentionMixer(nn.Module):
     """Low-rank token mixing with softmax: multi-head / grouped-query / multi-query attention, RoPE.
 
     The K/V cache holds rotated keys and values; with B (and V) shared, the leader's cache is used
-    and none is kept here. Banded sparsity keeps a full-length cache (ours: simpler, exact).
+    and none is kept here. With a window (banded sparsity: sliding-window attention, SWA-1) the
+    cache is a ring of `window` slots, so its size does not grow with the sequence.
     """
     groups = ("C", "B", "V")
 
@@ -142,7 +143,10 @@ class AttentionMixer(nn.Module):
         q = f["C"] if "C" in shared else rope(heads(f["C"], c.heads), start)  # (b, h, l, k)
         k = f["B"] if "B" in shared else rope(heads(f["B"], c.kv_heads), start)  # (b, g, t, k)
         v = f["V"] if "V" in shared else heads(f["V"], c.kv_heads)  # (b, g, t, k)
-        if cache is not None:  # append this call's keys/values; attend over the whole history
+        mask = None
+        if cache is not None and c.window:
+            k, v, mask = self.roll(cache, k, v, start, q.size(2), shared)
+        elif cache is not None:  # append this call's keys/values; attend over the whole history
             end = start + q.size(2)
             if "B" not in shared:
                 cache["k"][:, :, start:end] = k
@@ -150,15 +154,35 @@ class AttentionMixer(nn.Module):
             if "V" not in shared:
                 cache["v"][:, :, start:end] = v
                 v = cache["v"][:, :, :end]
-        y = self.attend(q, k, v)  # (b, h, l, k)
+        y = self.attend(q, k, v, mask)  # (b, h, l, k)
         return merge(y), {"C": q, "B": k, "V": v}
 
     step = forward  # one token is a prefill of length 1 against the cached history
 
-    def attend(self, q, k, v):
+    def roll(self, cache, k, v, start, l, shared):
+        """Sliding-window cache: a ring of `window` slots, position p in slot p % window. A prefill
+        attends over its own keys (banded) and keeps the last window of them; a step writes its slot
+        and attends over the ring, masking the slots not written yet (k/v (b, g, window, k))."""
+        own = [(name, t) for name, group, t in (("k", "B", k), ("v", "V", v)) if group not in shared]
+        ring = cache[own[0][0]].size(2) if own else k.size(2)  # k and v shared: the leader's ring
+        if start == 0:  # prefill
+            keep = torch.arange(max(0, l - ring), l, device=k.device)  # the last `ring` of the l positions
+            for name, t in own:
+                cache[name][:, :, keep % ring] = t[:, :, keep]
+            return k, v, None
+        if l != 1:
+            raise ValueError("chunked prefill after a prefix is not supported: prefill once, then step")
+        if "B" not in shared:
+            cache["k"][:, :, start % ring] = k[:, :, 0]
+            k = cache["k"]
+        if "V" not in shared:
+            cache["v"][:, :, start % ring] = v[:, :, 0]
+            v = cache["v"]
+        return k, v, (torch.arange(ring, device=k.device) <= start)[None]  # (1, ring): slots written so far
+
+    def attend(self, q, k, v, mask=None):
         l, t = q.size(2), k.size(2)
-        mask = None
-        if self.cfg.window:  # banded: key j is visible from query i iff i - window < j <= i
+        if mask is None and self.cfg.window:  # banded: key j is visible from query i iff i - window < j <= i
             i = torch.arange(t - l, t, device=q.device)[:, None]
             j = torch.arange(t, device=q.device)[None, :]
             mask = (j <= i) & (j > i - self.cfg.window)  # (l, t)
@@ -168,16 +192,20 @@ class AttentionMixer(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=q.size(1) != k.size(1))
 
+    def slots(self, max_len):
+        """Cached positions: the whole history, or only the window (a sliding-window class)."""
+        return min(self.cfg.window, max_len) if self.cfg.window else max_len
+
     def init_cache(self, batch, max_len, shared, device, dtype):
         c, cache = self.cfg, {}
         for name, group in (("k", "B"), ("v", "V")):
             if group not in shared:
-                cache[name] = torch.zeros(batch, c.kv_heads, max_len, c.head_dim, device=device, dtype=dtype)
+                cache[name] = torch.zeros(batch, c.kv_heads, self.slots(max_len), c.head_dim, device=device, dtype=dtype)
         return cache
 
     def cache_numel(self, batch, max_len, shared):
         own = sum(g not in shared for g in ("B", "V"))
-        return own * batch * self.cfg.kv_heads * max_len * self.cfg.head_dim
+        return own * batch * self.cfg.kv_heads * self.slots(max_len) * self.cfg.head_dim
 
     def param_numel(self):
         return 0
@@ -298,6 +326,107 @@ def recurrence_reference(q, kk, v, log_a):
     ys = []
     for i in range(q.size(2)):
         s = log_a[:, :, i, None, None].exp() * s + kk[:, :, i, :, None] * v[:, :, i, None, :]
+        ys.append(q[:, :, i, None] @ s)  # (b, h, 1, k)
+    return torch.cat(ys, 2), s
+
+
+class DeltaMixer(nn.Module):
+    """Semi-separable token mixing by the gated delta rule (Gated DeltaNet, Yang et al. 2024):
+
+        S_i = a_i (I - b_i k_i k_i^T) S_(i-1) + b_i k_i v_i^T     (per head: S is k x k)
+        y_i = q_i S_i
+
+    with q, k L2-normalised (q also scaled by k^-1/2), a_i = sigmoid(A_i) the decay and
+    b_i = sigmoid(beta_i) the write strength, both per head and step; the A feature group holds
+    both (2h). Each write first erases what the state holds under k_i, so the state stores the
+    latest value per key: better in-context recall than a sum of outer products (Rec-1).
+    Training runs the chunkwise form (`chunked_delta_rule`), the state is float32 in any dtype.
+    """
+    groups = ("C", "B", "V", "A")
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        target = 1 - torch.logspace(-1, -3, cfg.heads)  # initial decays 0.9..0.999, as Rec-1 (ours)
+        self.decay_bias = nn.Parameter(torch.log(target / (1 - target)))
+
+    def sizes(self):
+        c = self.cfg
+        return {"C": c.width, "B": c.width, "V": c.width, "A": 2 * c.heads}
+
+    def split(self, f):
+        c = self.cfg
+        q = F.normalize(heads(f["C"], c.heads).float(), dim=-1) * c.head_dim ** -0.5  # (b, h, l, k)
+        kk = F.normalize(heads(f["B"], c.heads).float(), dim=-1)  # (b, h, l, k)
+        v = heads(f["V"], c.heads)  # (b, h, l, k)
+        decay, beta = f["A"].float().transpose(1, 2).chunk(2, dim=1)  # (b, h, l) each
+        return q, kk, v, F.logsigmoid(decay + self.decay_bias[:, None]), torch.sigmoid(beta)
+
+    def forward(self, f, shared=(), cache=None):
+        q, kk, v, log_a, beta = self.split(f)
+        y, state = chunked_delta_rule(q, kk, v.float(), log_a, beta, self.cfg.chunk)
+        if cache is not None:
+            cache["state"].copy_(state)
+        return merge(y.to(v.dtype)), f
+
+    def step(self, f, shared, cache):
+        q, kk, v, log_a, beta = self.split(f)  # l = 1
+        s = cache["state"]  # (b, h, k, k), float32
+        k_col, b = kk.transpose(-1, -2), beta[..., None]  # (b, h, k, 1), (b, h, 1, 1)
+        s.sub_(b * k_col @ (kk @ s)).mul_(log_a.exp()[..., None]).add_(b * k_col @ v.float())
+        return merge((q @ s).to(v.dtype)), f
+
+    def init_cache(self, batch, max_len, shared, device, dtype):
+        c = self.cfg  # float32 whatever the cache dtype (counted at the nominal size)
+        return {"state": torch.zeros(batch, c.heads, c.head_dim, c.head_dim, device=device, dtype=torch.float32)}
+
+    def cache_numel(self, batch, max_len, shared):
+        return batch * self.cfg.heads * self.cfg.head_dim ** 2
+
+    def param_numel(self):
+        return self.cfg.heads
+
+
+def chunked_delta_rule(q, kk, v, log_a, beta, chunk):
+    """Chunkwise form of the gated delta rule (DeltaNet's WY/UT form, Yang et al. 2024), float32.
+
+    q, kk, v (b, h, l, k); log_a, beta (b, h, l). Inside a chunk every step is parallel: the UT
+    transform T = (I + tril(diag(beta) K K^T * decay, -1))^-1 by one triangular solve turns the
+    chunk's writes into pseudo-values U = T (beta V) and W = T (beta K * decay). Across chunks the
+    state is carried by a loop over the l / chunk chunks (16 at the gpu preset), as in the paper's
+    chunkwise algorithm. Any l: padded with a = 1, beta = 0, which leaves the state unchanged.
+    Returns y (b, h, l, k) and the final state (b, h, k, k)."""
+    b, h, l, n = q.shape
+    T = min(chunk, l)
+    pad = (-l) % T
+    q, kk, v = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (-1, T)) for t in (q, kk, v))  # (b, h, c, T, k)
+    log_a, beta = F.pad(log_a, (0, pad)).unflatten(2, (-1, T)), F.pad(beta, (0, pad)).unflatten(2, (-1, T))
+    cum = log_a.cumsum(-1)  # (b, h, c, T)
+    decay = segsum(log_a).exp()  # (b, h, c, T, T): prod of a over (j, i], 0 above the diagonal
+    eye = torch.eye(T, device=q.device)
+    write = (beta[..., None] * kk) @ kk.transpose(-1, -2) * decay  # (b, h, c, T, T)
+    ut = eye + write.tril(-1)  # unit lower triangular
+    u = torch.linalg.solve_triangular(ut, beta[..., None] * v, upper=False, unitriangular=True)  # (b, h, c, T, k)
+    w = torch.linalg.solve_triangular(ut, beta[..., None] * kk * cum.exp()[..., None], upper=False,
+                                      unitriangular=True)  # (b, h, c, T, k)
+    inner = q @ kk.transpose(-1, -2) * decay  # (b, h, c, T, T), lower triangular with the diagonal
+    to_end = (cum[..., -1:] - cum).exp()[..., None]  # (b, h, c, T, 1)
+    state, ys = q.new_zeros(b, h, n, v.size(-1)), []
+    for c in range(q.size(2)):  # across chunks: the state entering each
+        fresh = u[:, :, c] - w[:, :, c] @ state  # (b, h, T, k): values net of what the state holds
+        ys.append((q[:, :, c] * cum[:, :, c, :, None].exp()) @ state + inner[:, :, c] @ fresh)
+        state = state * cum[:, :, c, -1, None, None].exp() + (kk[:, :, c] * to_end[:, :, c]).transpose(-1, -2) @ fresh
+    return torch.cat(ys, 2)[:, :, :l], state
+
+
+def delta_rule_reference(q, kk, v, log_a, beta):
+    """The gated delta rule as a loop over time steps (tests only)."""
+    s = q.new_zeros(q.size(0), q.size(1), q.size(-1), v.size(-1))  # (b, h, k, k)
+    ys = []
+    for i in range(q.size(2)):
+        k_i, b_i = kk[:, :, i, :, None], beta[:, :, i, None, None]  # (b, h, k, 1), (b, h, 1, 1)
+        s = log_a[:, :, i, None, None].exp() * (s - b_i * k_i @ (k_i.transpose(-1, -2) @ s))
+        s = s + b_i * k_i @ v[:, :, i, None, :]
         ys.append(q[:, :, i, None] @ s)  # (b, h, 1, k)
     return torch.cat(ys, 2), s
 
@@ -439,8 +568,8 @@ class GatedMixer(nn.Module):
         return 0
 
 
-MIXERS = {"attention": AttentionMixer, "recurrence": RecurrenceMixer, "short_conv": ShortConvMixer,
-          "long_conv": LongConvMixer, "gated": GatedMixer}
+MIXERS = {"attention": AttentionMixer, "recurrence": RecurrenceMixer, "delta": DeltaMixer,
+          "short_conv": ShortConvMixer, "long_conv": LongConvMixer, "gated": GatedMixer}
 
 
 # ---------------------------------------------------------------------------------------------

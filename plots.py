@@ -18,7 +18,8 @@ from matplotlib.patches import Arc, Patch, Rectangle  # noqa: E402
 
 import genome as gn  # noqa: E402
 
-FAMILIES = {"attention": ("attention (SA)", "#4878d0"), "recurrence": ("recurrence (Rec)", "#ee854a"),
+FAMILIES = {"attention": ("attention (SA)", "#4878d0"), "sliding": ("sliding window (SWA)", "#82c6e2"),
+            "recurrence": ("recurrence (Rec)", "#ee854a"), "delta": ("delta rule (Delta)", "#d65f5f"),
             "short_conv": ("short conv (GConv-1)", "#6acc64"), "long_conv": ("long conv (GConv-2)", "#956cb4"),
             "gated": ("gated MLP (GMemless)", "#b0b0b0")}
 
@@ -32,7 +33,7 @@ def architecture(genomes, path, title=None):
         ax.text(-0.7, y, label, ha="right", va="center", fontsize=8)
         for i, genes in enumerate(g):
             cls = gn.lookup(genes)
-            ax.add_patch(Rectangle((i - 0.42, y - 0.45), 0.84, 0.9, facecolor=FAMILIES[cls.mixer][1],
+            ax.add_patch(Rectangle((i - 0.42, y - 0.45), 0.84, 0.9, facecolor=FAMILIES[cls.family][1],
                                    edgecolor="black", linewidth=0.6, hatch="///" if cls.diff else None))
             ax.text(i, y, cls.name, ha="center", va="center", fontsize=6, rotation=90,
                     bbox={"facecolor": "white", "alpha": 0.75, "linewidth": 0, "pad": 0.8} if cls.diff else None)

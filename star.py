@@ -564,12 +564,12 @@ class Progress:
             torch.cuda.synchronize()
 
 
-def probe(genome, preset, device="cpu", tasks=tuple(probes.TASKS), log=None):
-    """The capability probes (MAD): a fresh model of the genome trained on each task of probes.py;
-    {'status': 'ok', 'accuracy': {task: share}, 'mean': ...}, or 'failed' with the first error."""
+def probe(genome, preset, device="cpu", tasks=None, log=None):
+    """The capability probes (MAD): a fresh model of the genome trained on each task (probes.Task;
+    default probes.TASKS); {'status': 'ok', 'accuracy': {task: share}, 'mean': ...}, or 'failed'."""
     accuracy = {}
-    for name in tasks:
-        task = probes.TASKS[name]
+    for task in tasks or probes.TASKS.values():
+        name = task.name
         result = train_candidate(genome, task, task.preset(preset), device, log)
         if result["status"] != "ok":
             return {"status": "failed", "error": f"probe {name}: {result.get('error')}"}
@@ -834,11 +834,12 @@ def show_command(args):
 
 def probe_command(args):
     preset, g = checked_genome(args)
-    tasks = args.tasks.split(",") if args.tasks else list(probes.TASKS)
-    unknown = set(tasks) - set(probes.TASKS)
+    known = probes.tasks_for(preset_name(args.preset))
+    tasks = args.tasks.split(",") if args.tasks else list(known)
+    unknown = set(tasks) - set(known)
     if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(probes.TASKS)}")
-    result = probe(g, preset, resolve_device(args.device), tasks, log=lambda s: print(s, flush=True))
+        raise ValueError(f"--tasks: unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    result = probe(g, preset, resolve_device(args.device), [known[t] for t in tasks], log=lambda s: print(s, flush=True))
     print(json.dumps({"genome": gn.to_compact(g), **result}))
     if result["status"] != "ok":
         fail(result["error"])

@@ -49,7 +49,7 @@ def cache_tensors(cache):
 
 
 # ---------------------------------------------------------------------------------------------
-# liv.py: each of the 17 classes
+# liv.py: each of the 21 classes
 
 
 @pytest.mark.parametrize("name", CLASS_NAMES)
@@ -106,8 +106,10 @@ class OpCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize("name", CLASS_NAMES)
 def test_no_loop_over_time_in_training_forward(name):
-    """A Python loop over time steps would issue more tensor ops for a longer sequence."""
-    layer = make_liv(name)
+    """A Python loop over time steps would issue more tensor ops for a longer sequence. Both lengths
+    fit in one chunk: the delta rule carries its state across chunks by a loop over the l / chunk
+    chunks (DeltaNet's chunkwise algorithm), never over the steps inside one."""
+    layer = make_liv(name, chunk=64)
     counts = []
     for length in (16, 48):
         with OpCounter() as counter:
@@ -125,6 +127,44 @@ def test_chunked_recurrence_equals_loop(length):
     y, state = liv.chunked_recurrence(q, kk, v, log_a, chunk=8)
     y_ref, state_ref = liv.recurrence_reference(q, kk, v, log_a)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5
+
+
+@pytest.mark.parametrize("length", [32, 40, 7, 1])
+def test_chunked_delta_rule_equals_loop(length):
+    torch.manual_seed(4)
+    q, kk = (torch.nn.functional.normalize(torch.randn(2, 3, length, 4), dim=-1) for _ in range(2))
+    v = torch.randn(2, 3, length, 5)
+    log_a = torch.nn.functional.logsigmoid(torch.randn(2, 3, length) + 2)
+    beta = torch.sigmoid(torch.randn(2, 3, length))
+    y, state = liv.chunked_delta_rule(q, kk, v, log_a, beta, chunk=8)
+    y_ref, state_ref = liv.delta_rule_reference(q, kk, v, log_a, beta)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5
+
+
+def test_delta_rule_overwrites_a_key_where_a_sum_of_outer_products_adds():
+    """Written twice under the same key with beta = 1 and no decay, the delta rule's state returns
+    the second value; the plain recurrence (Rec-1's rule) returns the sum of both."""
+    k = torch.nn.functional.normalize(torch.randn(1, 1, 1, 4), dim=-1).expand(1, 1, 2, 4)
+    v = torch.randn(1, 1, 2, 3)
+    ones, zeros = torch.ones(1, 1, 2), torch.zeros(1, 1, 2)
+    y, _ = liv.chunked_delta_rule(k, k, v, zeros, ones, chunk=8)
+    y_sum, _ = liv.chunked_recurrence(k, k, v, zeros, chunk=8)
+    assert rel_err(y[:, :, 1], v[:, :, 1]) < 1e-5 and rel_err(y_sum[:, :, 1], v.sum(2)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["SWA-1", "SWA-1-Diff"])
+def test_sliding_window_cache_holds_only_the_window(name):
+    """A window of 5 over 19 tokens: prefill 8 (longer than the window), then 11 steps that wrap the
+    ring twice, equal to the parallel form; the cache is 5 positions whatever max_len."""
+    layer = make_liv(name, window=5)
+    x = torch.randn(2, 19, 32)
+    cache = layer.init_cache(2, 64)
+    ys = [layer(x[:, :8], cache=cache)[0]] + [layer.step(x[:, i: i + 1], cache)[0] for i in range(8, 19)]
+    assert rel_err(torch.cat(ys, 1), layer(x)[0]) < 1e-4
+    kv = (3 if layer.cfg.diff else 2) * 2 * layer.cfg.kv_heads * 5 * layer.cfg.head_dim * 4  # K, V (K2): 5 slots
+    assert layer.cache_bytes(2, 64) == layer.cache_bytes(2, 4096) == kv
+    assert sum(t.numel() * t.element_size() for t in cache_tensors(cache)) == kv
+
 
 
 def test_fft_convolution_equals_direct():
@@ -164,7 +204,7 @@ def test_featurizer_sharing_uses_the_same_tensors():
     assert sum(p.numel() for p in both.parameters()) == leader.param_count() + follower.param_count()
 
 
-@pytest.mark.parametrize("name", ["SA-1", "SA-2-Diff", "SA-3"])
+@pytest.mark.parametrize("name", ["SA-1", "SA-2-Diff", "SA-3", "SWA-1"])
 def test_kv_sharing_computes_with_the_leaders_features(name):
     leader, own = make_liv(name, seed=1), make_liv(name, seed=2)
     follower = liv.LIV(leader.cfg, shared_groups=("B", "V"))
@@ -195,14 +235,14 @@ def test_kv_sharing_computes_with_the_leaders_features(name):
 
 
 def test_catalogue_matches_the_spec():
-    assert len(gn.CATALOGUE) == 17
-    base = ["SA-1", "SA-2", "SA-3", "SA-4", "Rec-1", "Rec-2", "GConv-1", "GConv-2"]
-    assert CLASS_NAMES == base + ["GMemless"] + [n + "-Diff" for n in base]
+    assert len(gn.CATALOGUE) == 21
+    base, ours = ["SA-1", "SA-2", "SA-3", "SA-4", "Rec-1", "Rec-2", "GConv-1", "GConv-2"], ["Delta-1", "SWA-1"]
+    assert CLASS_NAMES == base + ["GMemless"] + [n + "-Diff" for n in base] + ours + [n + "-Diff" for n in ours]
     known = {"SA-1": (1, 2, 1, 2, 3), "GConv-1": (7, 3, 1, 1, 1), "GConv-2": (8, 3, 1, 1, 1),
              "Rec-1": (5, 4, 1, 1, 1), "Rec-2": (6, 4, 1, 1, 1), "GMemless": (9, 1, 1, 4, 2)}
     for name, operator in known.items():
         assert gn.CATALOGUE[gn.CLASS_INDEX[name] - 1].operator == operator
-    assert len({c.operator for c in gn.CATALOGUE}) == 17
+    assert len({c.operator for c in gn.CATALOGUE}) == 21
 
 
 def test_text_forms_round_trip():
@@ -239,12 +279,21 @@ def test_variation_outputs_are_valid_and_compile():
         a, b = genomes[i], genomes[i + 500]
         children.extend(gn.mutate(c, rng) for c in gn.crossover(a, b, rng))
     x = torch.randint(0, 16, (1, 6))
-    for g in genomes + children:
+    for i, g in enumerate(genomes + children):
         assert gn.validate(g) == [], g
         assert (gn.repair(g) == g).all()  # repair is idempotent on valid genomes
+        model = star.build_model(g, tiny, vocab_size=16)
+        if i >= len(genomes):  # children: a forward pass
+            with torch.no_grad():
+                assert torch.isfinite(model(x)[0]).all()
+            continue
+        logits, loss = model(x, x)  # the random genomes train a step and decode like the parallel form
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         with torch.no_grad():
-            logits, _ = star.build_model(g, tiny, vocab_size=16)(x)
-        assert torch.isfinite(logits).all()
+            caches = model.init_caches(1, 6)
+            decoded = [model(x[:, :3], caches=caches)[0]] + [model(x[:, j: j + 1], caches=caches)[0] for j in (3, 4, 5)]
+        assert rel_err(torch.cat(decoded, 1), logits.detach()) < 1e-4, gn.to_compact(g)
 
 
 def test_canonical_genome_compiles_to_the_same_model():
@@ -281,9 +330,10 @@ def test_baselines_at_any_even_depth():
 
 
 def all_classes_genome(share=False):
-    rows = [[i + 1, i + 1, 1, i + 1, 1] for i in range(17)]
-    if share:  # SA-1 at 18 shares SA-1's featurizer; SA-1 at 19 shares SA-1's K/V; Rec-1 at 20 its features
-        rows += [[1, 1, 2, 18, 1], [1, 19, 1, 18, 2], [5, 5, 2, 5, 2]]
+    n = len(gn.CATALOGUE)
+    rows = [[i + 1, i + 1, 1, i + 1, 1] for i in range(n)]
+    if share:  # then SA-1 shares SA-1's featurizer; SA-1 shares SA-1's K/V; Rec-1 shares Rec-1's features
+        rows += [[1, 1, 2, n + 1, 1], [1, n + 2, 1, n + 1, 2], [5, 5, 2, 5, 2]]
         rows[0] = [1, 1, 2, 1, 2]
         rows[4] = [5, 5, 1, 5, 2]
     return gn.repair(rows)
@@ -690,7 +740,7 @@ def test_bench_ops_compares_every_class_with_sdpa(capsys):
 
 
 def test_every_class_traces_without_graph_breaks():
-    """torch.compile sees the whole training forward of all 17 classes as one graph."""
+    """torch.compile sees the whole training forward of all 21 classes as one graph."""
     import torch._dynamo
     model = star.build_model(all_classes_genome(True), TINY)
     x = torch.randint(0, 256, (2, 32))
@@ -701,9 +751,10 @@ def test_every_class_traces_without_graph_breaks():
 # One class per distinct code path: attention with a featurizer convolution and the differential
 # combination; multi-query attention (SDPA's GQA path); the chunked recurrence with its decay group;
 # the short convolution; the FFT long convolution (with the differential combination again); the
-# gated MLP. The other classes differ from these in sizes or in combining paths tested here (tracing
-# all 17 is checked above); compiling all 17 took 3.5 minutes of a 2-core CI machine.
-CODE_PATHS = ["SA-2-Diff", "SA-4", "Rec-1", "GConv-1", "GConv-2-Diff", "GMemless"]
+# gated MLP; the delta rule's triangular solves and chunk loop; the sliding window's banded mask.
+# The other classes differ from these in sizes or in combining paths tested here (tracing all 21
+# is checked above); compiling all 17 of the paper took 3.5 minutes of a 2-core CI machine.
+CODE_PATHS = ["SA-2-Diff", "SA-4", "Rec-1", "GConv-1", "GConv-2-Diff", "GMemless", "Delta-1", "SWA-1"]
 
 
 @pytest.mark.parametrize("name", CODE_PATHS)
@@ -1410,6 +1461,20 @@ def test_task_answers_are_those_of_a_rule_based_solver():
     assert all(test_y[i, t] == table[test_x[i, t - 1]] for i in range(50) for t in range(1, 32, 2))
 
 
+def test_gpu_preset_probes_at_mads_sizes():
+    """Recall over 128 tokens and 16 tokens copied out of 256 (MAD's sizes) on the gpu preset, still
+    answered as the rule-based solvers answer; the tiny preset keeps the CPU sizes."""
+    tasks, cpu = probes.tasks_for("gpu"), torch.device("cpu")
+    assert probes.tasks_for("tiny") is probes.TASKS
+    for name in ("recall", "noisy_recall"):
+        x, y = (a.numpy() for a in next(tasks[name].batches("train", 1, 50, None, 0, cpu)))
+        assert x.shape == (50, 128) == (50, tasks[name].seq_len)
+        assert all(np.array_equal(solve_recall(a, 8), b) for a, b in zip(x, y))
+    x, y = (a.numpy() for a in next(tasks["selective_copy"].batches("train", 1, 50, None, 0, cpu)))
+    assert x.shape == (50, 256) and ((y != probes.IGNORE).sum(1) == 16).all()
+    assert all(np.array_equal(solve_selective_copy(a, 16), b) for a, b in zip(x, y))
+
+
 def test_attention_recalls_in_context_where_short_convolutions_cannot():
     """MAD's finding: a Transformer++ learns in-context recall; a stack of 3-tap gated convolutions
     and MLPs cannot look up a key seen many tokens earlier (tiny preset, the probe's default task)."""
@@ -1450,3 +1515,13 @@ def test_quality_recall_search_records_probes_and_reports_them(tmp_path, monkeyp
     assert "recall acc" in text and "probed candidates are recall-capable" in text
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     assert all("probes" in b for b in state["baselines"].values()) and state["settings"]["probes"]
+
+
+def test_delta_rule_recalls_in_context_far_above_short_convolutions(monkeypatch):
+    """MAD's recall at the tiny sizes: a Delta-1 / GMemless stack against a GConv-1 / GMemless one."""
+    monkeypatch.setattr(probes, "TASKS", {"recall": dataclasses.replace(probes.TASKS["recall"], steps=80)})
+    preset = dataclasses.replace(star.PRESETS["tiny"], n_livs=4)
+    stack = lambda name: gn.repair([[gn.CLASS_INDEX[n], i + 1, 1, i + 1, 1]
+                                    for i, n in enumerate([name, "GMemless"] * 2)])
+    delta, conv = (star.probe(stack(n), preset)["accuracy"]["recall"] for n in ("Delta-1", "GConv-1"))
+    assert delta > 0.9 and conv < 0.6, (delta, conv)

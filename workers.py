@@ -14,6 +14,7 @@ import time
 import torch
 
 import genome as gn
+import probes
 import star
 
 
@@ -31,14 +32,14 @@ class Evaluator:
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
         self.device, self.log = device, log
         self.latency = settings["objective"] == "quality-latency"
-        self.probing = settings["probes"]
+        self.probing, self.probes = settings["probes"], probes.tasks_for(settings["preset_name"])
 
     def __call__(self, compact, stage="search"):
         start, genome = time.time(), gn.from_compact(compact)
         result = star.train_candidate(genome, self.corpus, self.presets[stage], self.device, self.log)
         measured = time.time()
         if self.probing and stage == "search" and result["status"] == "ok":
-            scores = star.probe(genome, self.preset, self.device, log=self.log)
+            scores = star.probe(genome, self.preset, self.device, self.probes.values(), self.log)
             result.update(probes=scores.get("accuracy"), recall_error=1 - scores["mean"] if "mean" in scores else None,
                           **({"status": "failed", "error": scores["error"]} if scores["status"] != "ok" else {}))
         if self.latency and stage == "search" and result["status"] == "ok":
