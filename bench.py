@@ -3,7 +3,8 @@
     python bench.py latency (--genome G | --baseline NAME) [--prompt-len 512 --decode-tokens 64] [--trace t.json]
     python bench.py train   (--genome G | --baseline NAME) [--batch 8 --seq-len 1024] [--compile]
     python bench.py ops     [--batch 8 --seq-len 2048 --width 768]
-    python bench.py suite [--only ops,train,latency,search] [--smoke]   # issue 6's GPU script
+    python bench.py candidates [--n 4 --steps 200]  # a search's candidates once the catalogue is compiled
+    python bench.py suite [--only candidates,ops,train,latency,search] [--smoke]   # the prepared GPU script
 
 Times are medians over repetitions after warm-up: CUDA events on a GPU, time.perf_counter with
 synchronisation elsewhere. The per-LIV-class tables come from one extra pass under
@@ -308,17 +309,68 @@ def recurrence_vs_loop(args, device):
     return loop_ms, chunk_ms, short
 
 
-SECTIONS = ("ops", "train", "latency", "search")
+def candidates(args):
+    """What a search's new candidate costs once the catalogue is compiled (issue 17's check): the
+    warm-up, then per random genome the seconds before its first timed step, training and
+    evaluation seconds, tokens/s against the same genome compiled whole and against Transformer++
+    compiled whole (the ceiling per-block compilation is held to)."""
+    device, rng = torch.device(args.device), __import__("numpy").random.default_rng(args.seed)
+    star.COMPILE_BACKEND = args.backend
+    preset = dataclasses.replace(star.PRESETS[star.preset_name(args.preset)], steps=args.steps, compile=True,
+                                 **{k: getattr(args, k) for k in ("width", "heads", "n_livs", "seq_len", "batch_size")
+                                    if getattr(args, k) is not None})
+    corpus = star.Corpus().check(preset)
+    yardstick, _ = whole_model_tokens_per_second(gn.baseline("transformer++", preset.n_livs // 2 * 2), preset, device, args)
+    print(f"Transformer++ compiled whole: {yardstick:,.0f} tokens/s ({preset.batch_size} x {preset.seq_len}, "
+          f"width {preset.width}, {preset.n_livs} LIVs, {device})", flush=True)
+    star.warm_up(preset, corpus, device, log=lambda s: print(s, flush=True))
+    print(f"{'genome':<44}{'first s':>8}{'train s':>9}{'eval s':>8}{'tok/s':>11}{'x whole':>8}{'x T++':>7}"
+          f"{'whole: first s':>15}")
+    for _ in range(args.n):
+        g = gn.random_genome(preset.n_livs, rng)
+        r = star.train_candidate(g, corpus, preset, device)
+        if r["status"] != "ok":
+            print(f"{gn.summary(g)[:43]:<44}failed: {r.get('error')}", flush=True)
+            continue
+        whole, whole_first = whole_model_tokens_per_second(g, preset, device, args)
+        print(f"{gn.summary(g)[:43]:<44}{r['first_step_seconds']:>8.2f}{r['train_seconds']:>9.2f}"
+              f"{r['eval_seconds']:>8.2f}{r['tokens_per_second']:>11,.0f}{r['tokens_per_second'] / whole:>8.2f}"
+              f"{r['tokens_per_second'] / yardstick:>7.2f}{whole_first:>15.2f}", flush=True)
+
+
+def whole_model_tokens_per_second(genome, preset, device, args):
+    """Training tokens/s of the genome compiled as one graph (median of timed steps), and the
+    seconds of its first step (the whole model's compilation)."""
+    model = star.build_model(genome, preset).to(device)
+    step_fn, optimizer = compiled(model, True, "whole"), star.make_optimizer(model, preset, device)
+    x = torch.randint(0, 256, (preset.batch_size, preset.seq_len), device=device)
+
+    def step(_):
+        with star.autocast(device):
+            _, loss = step_fn(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    first = time.perf_counter()
+    step(None)
+    sync(device)
+    first = time.perf_counter() - first
+    return preset.batch_size * preset.seq_len / (median_ms(step, device, args.reps, args.warmup) / 1e3), first
+
+
+SECTIONS = ("ops", "train", "latency", "search", "candidates")
 SHAPES = {  # reference shapes (plain-PyTorch yardsticks measured on an H200), and a smoke-test size that runs on a CPU in seconds
     "reference": {"ops": ["--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12"],
                   "model": ["--width", "768", "--heads", "12", "--n-livs", "24"],
                   "train": ["--batch", "16", "--seq-len", "1024", "--vocab-size", "50304"],
-                  "search": []},
+                  "search": [], "candidates": ["--n", "4", "--steps", "200"]},
     "smoke": {"ops": ["--batch", "1", "--seq-len", "64", "--width", "32", "--heads", "4", "--reps", "1"],
               "model": ["--width", "32", "--heads", "4", "--n-livs", "4", "--reps", "2"],
               "train": ["--batch", "2", "--seq-len", "32"],
               "search": ["--width", "32", "--n-livs", "2", "--seq-len", "64", "--batch-size", "2", "--steps", "10",
-                         "--population", "4", "--eval-batches", "1", "--no-compile", "--device", "cpu"]},
+                         "--population", "4", "--eval-batches", "1", "--no-compile", "--device", "cpu"],
+              "candidates": ["--n", "2", "--steps", "3", "--backend", "eager", "--width", "32", "--heads", "4", "--n-livs", "4",
+                             "--seq-len", "32", "--batch-size", "2", "--reps", "2", "--warmup", "1"]},
 }
 
 
@@ -333,6 +385,8 @@ def suite_commands(args):
     decode = ["--prompt-len", "16", "--decode-tokens", "4"] if args.smoke else ["--dtype", "bfloat16"]
     bench_py, evolve_py = [sys.executable, __file__], [sys.executable, "evolve.py"]
     return [
+        ("candidates", bench_py + ["candidates", "--preset", "gpu"] + shape["candidates"]),
+        ("candidates", bench_py + ["ops"] + shape["ops"] + compile_flag),
         ("ops", bench_py + ["ops"] + shape["ops"]),
         ("ops", bench_py + ["ops"] + shape["ops"] + compile_flag),
         ("train", bench_py + ["train", "--baseline", "transformer++"] + train_shape + compile_flag),
@@ -376,13 +430,14 @@ def dtype_of(args):
 def parse_args(argv):
     number = star.number
     p = star.Parser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="{latency,train,ops,suite}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{latency,train,ops,suite,candidates}")
     helps = {"latency": "prefill and per-token decode time, per LIV class", "train": "training tokens/s, memory, MFU",
-             "ops": "every LIV class against SDPA attention", "suite": "the prepared GPU measurements in one call"}
+             "ops": "every LIV class against SDPA attention", "suite": "the prepared GPU measurements in one call",
+             "candidates": "a search's candidates after the catalogue's warm-up, against whole-model compilation"}
     for name, what in helps.items():
         s = sub.add_parser(name, help=what, description=what)
         s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-        if name in ("latency", "train"):
+        if name in ("latency", "train", "candidates"):
             s.add_argument("--preset", default="auto", help="width, heads and depth unless given: tiny, gpu or auto")
         s.add_argument("--width", type=number("width"), default=768 if name == "ops" else None,
                        help="model width" + ("" if name == "ops" else " (default: the preset's)"))
@@ -411,6 +466,15 @@ def parse_args(argv):
         if name == "train":
             s.add_argument("--peak-tflops", type=number("peak_tflops"), default=None, help="the card's peak, for MFU")
             s.add_argument("--compile-model", action="store_true", help="compile the whole model, not blocks")
+        if name == "candidates":
+            s.add_argument("--n", type=number("population"), default=4, help="random genomes to train")
+            s.add_argument("--steps", type=number("steps"), default=200, help="steps per candidate")
+            s.add_argument("--n-livs", type=number("n_livs"), default=None, help="LIVs (default: the preset's)")
+            s.add_argument("--seq-len", type=number("seq_len"), default=None, help="tokens per sequence")
+            s.add_argument("--batch-size", type=number("batch_size"), default=None, help="sequences per step")
+            s.add_argument("--seed", type=number("seed"), default=0, help="seed of the random genomes")
+            s.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
+                           help="torch.compile backend (eager: dynamo's graphs without code generation, for --smoke)")
         if name == "suite":
             s.add_argument("--only", help="comma-separated sections: " + ", ".join(SECTIONS))
             s.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: check the script itself")
@@ -444,7 +508,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        {"latency": latency, "train": train, "ops": ops, "suite": suite}[args.command](args)
+        {"latency": latency, "train": train, "ops": ops, "suite": suite, "candidates": candidates}[args.command](args)
     except ValueError as e:
         star.fail(e)
 

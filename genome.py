@@ -256,6 +256,19 @@ def scale(genome, n_livs, how):
     return out
 
 
+def every_variant():
+    """A genome holding every residual-block variant once: each class on its own, as a follower of
+    a featurizer, and as a follower of each feature-sharing strategy it supports. A block's compiled
+    graph depends only on its variant, so this is the whole set a search can meet (star.warm_up)."""
+    rows = []
+    for c, cls in enumerate(CATALOGUE, start=1):
+        lead = len(rows) + 1
+        rows += [[c, lead, 2, lead, 2], [c, lead, 2, lead + 1, 1]]  # leader; a featurizer follower
+        rows += [[c, len(rows) + 1, 1, lead, s] for s in FEATURE_SHARING if s > 1 and _feature_supported(
+            np.array([[c, 1, 1, 1, s]]), 0)]
+    return repair(rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # Text forms
 

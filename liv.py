@@ -77,9 +77,9 @@ class CausalConv(nn.Module):
         self.kernel = kernel
         self.weight = nn.Parameter(torch.randn(channels, 1, kernel) / math.sqrt(kernel))
 
-    def forward(self, x):  # x (b, l, c)
-        x = F.pad(x.transpose(1, 2), (self.kernel - 1, 0))  # (b, c, l + kernel - 1)
-        return F.conv1d(x, self.weight, groups=x.size(1)).transpose(1, 2)  # (b, l, c)
+    def forward(self, x):  # x (b, l, c): channel-last, no transposed copies (a conv1d needs (b, c, l))
+        l, padded = x.size(1), F.pad(x, (0, 0, self.kernel - 1, 0))  # (b, l + kernel - 1, c)
+        return sum(padded[:, s: s + l] * self.weight[:, 0, s] for s in range(self.kernel))  # (b, l, c)
 
     def step(self, x, state):  # x (b, 1, c), state (b, c, kernel - 1): the last inputs
         window = torch.cat([state, x.transpose(1, 2)], dim=2)  # (b, c, kernel)

@@ -5,6 +5,7 @@
     python star.py sample --checkpoint model.pt [--prompt TEXT] [--tokens N]
     python star.py probe  (--genome G | --baseline NAME) [--tasks recall,selective_copy]
     python star.py scale  --genome G --n-livs N --how stack|stretch [--out scaled.json]
+    python star.py compile [--preset gpu]    # warm the compile cache: every block variant, once
 
 G is a genome JSON file or the compact form (genome.to_compact). A model is the paper's fixed
 wrapper around the evolved backbone: embedding, x = x + LIV(RMSNorm(x)) per LIV, final RMSNorm,
@@ -225,7 +226,6 @@ class Model(nn.Module):
                                      shared_groups=shared))
         self.norm_f = nn.RMSNorm(width, eps=1e-6)
         self.lm_head = nn.Linear(width, vocab_size, bias=False)
-        self.feature_leaders = set(self.feature_leader) - {None}  # LIVs whose features are read later
         self.block, self.head = residual_block, lm_head  # compile_blocks() swaps in compiled versions
         self.labels = [f"liv:{gn.lookup(row).name}" for row in self.genome]  # profiler rows per class
         self.profiling = False  # bench.py turns on a record_function label per LIV
@@ -250,6 +250,9 @@ class Model(nn.Module):
         """idx (b, l) -> (logits (b, l, vocab), loss or None). With caches: prefill, or one step
         when the caches already hold a prefix."""
         x = self.embed(idx)  # (b, l, d)
+        # Compiled graphs are training graphs: evaluation (no_grad) runs eagerly rather than compiling
+        # every variant a second time as an inference graph (ours: a small share of a candidate's time).
+        block, head = (self.block, self.head) if torch.is_grad_enabled() else (residual_block, lm_head)
         features = {}
         for i, norm in enumerate(self.norms):
             leader = self.feature_leader[i]
@@ -257,19 +260,20 @@ class Model(nn.Module):
             label = torch.profiler.record_function(self.labels[i]) if self.profiling else contextlib.nullcontext()
             with label:
                 if caches is None:  # training and evaluation: whole residual blocks, compiled or not
-                    x, features[i] = self.block(norm, self.livs[i], x, shared, i in self.feature_leaders)
+                    x, features[i] = block(norm, self.livs[i], x, shared)
                 else:
                     x = x + self.run_liv(i, norm(x), shared, caches, features)
-        return self.head(self.norm_f, self.lm_head.weight, x, targets)
+        return head(self.norm_f, self.lm_head.weight, x, targets)
 
     def compile_blocks(self, enabled=True):
         """Compile per residual block rather than per model: a block's graph depends only on its
-        LIV variant, so it is compiled once and reused by every later model of the search (a new
-        whole model costs 17-26 s of compilation on an H200). Eager again with enabled=False."""
+        LIV variant (class and the features it reads), a set the catalogue fixes (warm_up compiles
+        it once), reused by every model of the search; a new whole model costs 17-26 s of
+        compilation on an H200. Static shapes. Eager again with enabled=False."""
         if enabled:
-            allow_many_graphs()
-            COMPILED.setdefault("block", torch.compile(residual_block))
-            COMPILED.setdefault("head", torch.compile(lm_head))
+            configure_compile()
+            COMPILED.setdefault("block", torch.compile(residual_block, dynamic=False, backend=COMPILE_BACKEND))
+            COMPILED.setdefault("head", torch.compile(lm_head, dynamic=False, backend=COMPILE_BACKEND))
         self.block = COMPILED["block"] if enabled else residual_block
         self.head = COMPILED["head"] if enabled else lm_head
 
@@ -287,10 +291,11 @@ class Model(nn.Module):
         return [layer.init_cache(batch, max_len or self.max_len, device, dtype) for layer in self.livs]
 
 
-def residual_block(norm, layer, x, shared, expose):
-    """x + LIV(RMSNorm(x)), the paper's fixed wrapper; the LIV's features if a later LIV reads them."""
+def residual_block(norm, layer, x, shared):
+    """x + LIV(RMSNorm(x)), the paper's fixed wrapper, and the LIV's features (a later LIV may read
+    them: always returned, so that leading or not makes no second graph)."""
     y, features = layer(norm(x), shared)
-    return x + y, (features if expose else None)  # (b, l, d)
+    return x + y, features  # (b, l, d)
 
 
 def lm_head(norm, weight, x, targets):
@@ -302,14 +307,35 @@ def lm_head(norm, weight, x, targets):
 
 
 COMPILED = {}  # the compiled block and head, shared by every model of the process
+COMPILE_BACKEND = "inductor"  # the tests use "eager": dynamo's graphs and guards without code generation
+USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # a user's choice wins over ours
 
 
-def allow_many_graphs():
-    """A search meets dozens of LIV variants: raise dynamo's per-function recompile limit (8)."""
-    import torch._dynamo
+def configure_compile():
+    """Dozens of LIV variants: raise dynamo's per-function recompile limit (8). Compiled code is
+    cached on disk per torch version and device kind, so a second or resumed run starts warm."""
+    kind = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_CACHE_DIR or os.path.join(
+        os.path.expanduser("~"), ".cache", "star", f"inductor-{torch.__version__}-{kind}")
+    import torch._dynamo as dynamo  # (its import writes torch's default cache directory, /tmp, if none is set)
     for name, value in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 8192)):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), value))
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), value))
+
+
+def warm_up(preset, source, device="cpu", log=None):
+    """Compile every residual-block variant of the catalogue once (genome.every_variant, one
+    training step on the data source) so that no candidate of a search compiles anything:
+    (graphs compiled, seconds)."""
+    from torch._dynamo.utils import counters
+    before, start = counters["stats"]["unique_graphs"], time.perf_counter()
+    g = gn.every_variant()
+    result = train_candidate(g, source, dataclasses.replace(preset, n_livs=len(g), steps=1, eval_batches=1), device)
+    graphs, seconds = counters["stats"]["unique_graphs"] - before, time.perf_counter() - start
+    if log:
+        log(f"compiled the catalogue's {len(g)} LIV variants: {graphs} graphs in {seconds:.1f} s"
+            + ("" if result["status"] == "ok" else f" ({result.get('error')})"))
+    return graphs, seconds
 
 
 def build_model(genome, preset, vocab_size=256):
@@ -499,8 +525,10 @@ def train_candidate(genome, source, preset, device=None, log=None, save=None):
             optimizer.zero_grad(set_to_none=True)
             progress.step(step, loss)
         result.update(progress.finish())
+        scoring = time.perf_counter()
         with autocast(device):
             result.update(checked_scores(source.score(model, preset, device)))
+        result["eval_seconds"] = time.perf_counter() - scoring
         if save:
             save_checkpoint(save, model, preset, source)
         result["status"] = "ok"  # only now: a model that could not be saved is not a success
@@ -597,9 +625,9 @@ class CompiledOrEager:
     if the first call fails (compilation is lazy: errors surface on the first call)."""
 
     def __init__(self, model, log=None, compiled=None, undo=None):
-        allow_many_graphs()
+        configure_compile()
         self.model, self.log, self.undo, self.checked = model, log, undo, False
-        self.fn = compiled if compiled is not None else torch.compile(model)
+        self.fn = compiled if compiled is not None else torch.compile(model, backend=COMPILE_BACKEND)
 
     def __call__(self, *args, **kwargs):
         if self.checked:
@@ -754,31 +782,31 @@ def add_genome_source(p, baseline_note=""):
     source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}{baseline_note}")
 
 
-def add_data_args(p):
-    p.add_argument("--data", help="a .txt (bytes) or .bin (uint16 tokens) file; default: embedded Shakespeare")
-    p.add_argument("--vocab-size", type=number("vocab_size"), help="vocabulary of a .bin token file")
+def add_common_args(p, data=True, genome=True, device=True):
+    """What every command that builds a model takes: the genome, the preset, the data, the device."""
+    if genome:
+        add_genome_source(p)
+    add_preset_args(p)
+    if data:
+        p.add_argument("--data", help="a .txt (bytes) or .bin (uint16 tokens) file; default: embedded Shakespeare")
+        p.add_argument("--vocab-size", type=number("vocab_size"), help="vocabulary of a .bin token file")
+    if device:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def add_train_args(p):
-    add_genome_source(p)
-    add_preset_args(p)
-    add_data_args(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_common_args(p)
     p.add_argument("--save", help="write the trained model to this checkpoint file")
 
 
 def add_show_args(p):
-    add_genome_source(p)
-    add_preset_args(p)
-    add_data_args(p)
+    add_common_args(p, device=False)
     p.add_argument("--plot", help="also draw the architecture to this PNG file (needs matplotlib)")
 
 
 def add_probe_args(p):
-    add_genome_source(p)
-    add_preset_args(p)
+    add_common_args(p, data=False)
     p.add_argument("--tasks", default=None, help=f"comma-separated: {', '.join(probes.TASKS)} (default: all)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def add_scale_args(p):
@@ -855,6 +883,16 @@ def scale_command(args):
     print(f"{gn.summary(g)}\n{gn.to_compact(g)}" + (f"\nwritten to {out}" if out else ""))
 
 
+def compile_command(args):
+    preset = check_preset(dataclasses.replace(preset_from_args(args), compile=True))
+    device = resolve_device(args.device)
+    corpus = Corpus(args.data, args.vocab_size).check(preset)
+    graphs, _ = warm_up(preset, corpus, device, log=lambda s: print(s, flush=True))
+    print(f"compiled code is cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
+    if not graphs:
+        fail("no graph was compiled (the compile backend failed: see above)")
+
+
 def sample_command(args):
     model, preset = load_checkpoint(args.checkpoint)
     prompt = prompt_ids(model, args.prompt)
@@ -875,6 +913,8 @@ COMMANDS = {  # name: (what it does, its flags, what it runs)
               add_probe_args, probe_command),
     "scale": ("extrapolate a genome to a multiple of its depth: stack repeats it whole, stretch repeats each LIV",
               add_scale_args, scale_command),
+    "compile": ("compile every residual-block variant of the catalogue once, print how many graphs that is",
+                lambda p: add_common_args(p, genome=False), compile_command),
 }
 
 

@@ -31,6 +31,8 @@ class Evaluator:
             other_seed, steps=steps, warmup=round(self.preset.warmup * steps / self.preset.steps))}
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
         self.device, self.log = device, log
+        if self.preset.compile:  # every block variant now, so that no candidate compiles one
+            star.warm_up(self.preset, self.corpus, device, log)
         self.latency = settings["objective"] == "quality-latency"
         self.probing, self.probes = settings["probes"], probes.tasks_for(settings["preset_name"])
 
