@@ -222,6 +222,17 @@ def search_latency_note(device):
             f"{s['batch']}, median of {s['reps']}, on {name} ({'bf16' if device == 'cuda' else 'float32'}).")
 
 
+def timed_step(step_fn, optimizer, x):
+    """One training step on the batch x (b, l) as its own targets: what the throughput rows time."""
+    def step(_):
+        with star.autocast(x.device):
+            _, loss = step_fn(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def train(args):
     """Training-step throughput, peak memory and model FLOPs utilisation."""
     device = torch.device(args.device)
@@ -234,15 +245,7 @@ def train(args):
                                      lambda s: print(f"train:{s}"))
     else:
         step_fn = model
-    x = torch.randint(0, args.vocab_size, (args.batch, args.seq_len), device=device)
-
-    def step(_):
-        with star.autocast(device):
-            _, loss = step_fn(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = timed_step(step_fn, optimizer, torch.randint(0, args.vocab_size, (args.batch, args.seq_len), device=device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ms = median_ms(step, device, args.reps, warmup=args.warmup)
@@ -343,14 +346,7 @@ def whole_model_tokens_per_second(genome, preset, device, args):
     seconds of its first step (the whole model's compilation)."""
     model = star.build_model(genome, preset).to(device)
     step_fn, optimizer = compiled(model, True, "whole"), star.make_optimizer(model, preset, device)
-    x = torch.randint(0, 256, (preset.batch_size, preset.seq_len), device=device)
-
-    def step(_):
-        with star.autocast(device):
-            _, loss = step_fn(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = timed_step(step_fn, optimizer, torch.randint(0, 256, (preset.batch_size, preset.seq_len), device=device))
     first = time.perf_counter()
     step(None)
     sync(device)
@@ -467,7 +463,7 @@ def parse_args(argv):
             s.add_argument("--peak-tflops", type=number("peak_tflops"), default=None, help="the card's peak, for MFU")
             s.add_argument("--compile-model", action="store_true", help="compile the whole model, not blocks")
         if name == "candidates":
-            s.add_argument("--n", type=number("population"), default=4, help="random genomes to train")
+            s.add_argument("--n", type=number("genomes"), default=4, help="random genomes to train")
             s.add_argument("--steps", type=number("steps"), default=200, help="steps per candidate")
             s.add_argument("--n-livs", type=number("n_livs"), default=None, help="LIVs (default: the preset's)")
             s.add_argument("--seq-len", type=number("seq_len"), default=None, help="tokens per sequence")

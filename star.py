@@ -75,7 +75,7 @@ LIMITS = {  # every number any command takes: (lowest, highest); a float bound m
     "threads": (1, 1 << 10), "tokens": (1, 1 << 20), "temperature": (1e-6, 1e6), "top_k": (1, 1 << 16),
     "population": (2, 1 << 16), "generations": (1, 1 << 16), "mutation": (0.0, 1.0), "reps": (1, 1 << 20),
     "prompt_len": (1, 1 << 20), "decode_tokens": (1, 1 << 20), "batch": (1, 1 << 20), "max_len": (2, 1 << 20),
-    "peak_tflops": (1e-3, 1e7), "confirm_steps": (0, INT_MAX), "confirm_top": (1, 1 << 10),
+    "peak_tflops": (1e-3, 1e7), "confirm_steps": (0, INT_MAX), "confirm_top": (1, 1 << 10), "genomes": (1, 1 << 16),
 }
 
 

@@ -797,8 +797,9 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_bench_suite_smoke(tmp_path):
-    """The GPU suite's every command, at tiny sizes on the CPU: the script works before GPU time is spent."""
-    out = run_cli("bench.py", "suite", "--smoke", "--out", str(tmp_path / "search"))
+    """The GPU suite's every command, at tiny sizes on the CPU: the script works before GPU time is spent
+    (its candidates section, in process, in test_after_the_warm_up_no_candidate_compiles_a_graph)."""
+    out = run_cli("bench.py", "suite", "--smoke", "--only", "ops,train,latency,search", "--out", str(tmp_path / "search"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "0 command(s) failed" in out.stdout and out.stdout.count("tokens/s") >= 3
     assert "per token" in out.stdout and (tmp_path / "search" / "report.md").exists()
@@ -1558,6 +1559,10 @@ def test_after_the_warm_up_no_candidate_compiles_a_graph(corpus, monkeypatch, ca
     args = ["--width", "16", "--heads", "2", "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1"]
     star.main(["compile", "--preset", "tiny", "--device", "cpu"] + args)
     warm = int(re.search(r"LIV variants: (\d+) graphs", capsys.readouterr().out).group(1))
+    bench.main(["candidates", "--preset", "gpu", "--backend", "eager", "--device", "cpu", "--n", "1", "--steps", "2",
+                "--n-livs", "4", "--reps", "1", "--warmup", "1"] + args[:-2])  # the suite's section, same shapes
+    out = capsys.readouterr().out
+    assert "LIV variants: 0 graphs" in out and re.search(r"\n\S.* +0\.\d\d +\d", out), out  # warm: no compile
     preset = dataclasses.replace(star.PRESETS["tiny"], width=16, heads=2, seq_len=16, batch_size=2, eval_batches=1,
                                  steps=2, n_livs=4, compile=True)  # the command's sizes
     before, rng = counters["stats"]["unique_graphs"], np.random.default_rng(0)
