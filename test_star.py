@@ -1573,3 +1573,18 @@ def test_after_the_warm_up_no_candidate_compiles_a_graph(corpus, monkeypatch, ca
     star.train_candidate(gn.random_genome(4, rng), corpus, dataclasses.replace(preset, seq_len=12), "cpu")
     assert counters["stats"]["unique_graphs"] > before  # the check can fail: a shape not warmed compiles
     torch._dynamo.reset()
+
+
+def test_attention_inputs_reach_sdpa_with_a_unit_last_stride(monkeypatch):
+    """The fused SDPA kernels need the head dimension contiguous: with the channel-last short
+    convolution, SA-2's values no longer arrive as a transposed view (last stride = length)."""
+    strides, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        strides.append((q.stride(-1), k.stride(-1), v.stride(-1)))
+        return sdpa(q, k, v, **kwargs)
+    monkeypatch.setattr(liv.F, "scaled_dot_product_attention", recording)
+    for cls in gn.CATALOGUE:
+        if cls.mixer == "attention":
+            make_liv(cls.name)(torch.randn(2, 13, 32))
+    assert len(strides) >= 12 and all(s == (1, 1, 1) for s in strides), strides
