@@ -239,15 +239,22 @@ def confirm(run, pool, log):
     """Retrain the confirm_set at the confirmation's longer budget, all under the second seed
     (common random numbers among themselves): how far the search's verdicts hold."""
     s = run.settings
-    tasks = [(e["compact"], "confirm") for e in confirm_set(run) if e["key"] not in run.confirmed]
+    tasks = [(e["compact"], "confirm") for e in confirm_set(run) if not confirmed_at_budget(run, e["key"])]
     if not s["confirm_steps"] or not tasks:
         return
     log(f"confirmation: {len(tasks)} models retrained for {s['confirm_steps']} steps under seed {s['seed'] + 1}")
     for t, result, rank in pool.map(tasks):
-        entry = record(tasks[t][0], result, rank, stage="confirm")
+        entry = record(tasks[t][0], result, rank, stage="confirm", steps=s["confirm_steps"])
         run.confirmed[entry["key"]] = entry
         run.save()
         log(f"confirm {entry['summary'][:40]:40s} {report.describe(entry, pool.world)}")
+
+
+def confirmed_at_budget(run, key):
+    """The model's confirmed result if it was trained at today's --confirm-steps (a resume may
+    change them: an older budget's result is retrained, never reported under the new one)."""
+    c = run.confirmed.get(key)
+    return c if c and c.get("steps") == run.settings["confirm_steps"] else None
 
 
 def confirm_set(run):
@@ -275,7 +282,7 @@ def confirmed_pairs(run):
     """(label, search entry, confirmed entry) for every model of the confirm_set confirmed so far."""
     labels = {e["key"]: f"#{i + 1}" for i, e in enumerate(final_table(run))}
     labels.update({e["key"]: name for name, e in run.baselines.items()})
-    pairs = [(labels[e["key"]], e, run.confirmed.get(e["key"])) for e in confirm_set(run)]
+    pairs = [(labels[e["key"]], e, confirmed_at_budget(run, e["key"])) for e in confirm_set(run)]
     return [(label, e, c) for label, e, c in pairs if c and c["status"] == "ok"]
 
 
@@ -371,6 +378,9 @@ def upgrade(state):
         if stage not in ("seed", "confirm"):
             raise ValueError(f"extra: unknown entry {key[:40]!r}")
         state["noise" if stage == "seed" else "confirmed"][model] = entry
+    for entry in state["confirmed"].values():  # trained at the budget the settings then held
+        if isinstance(entry, dict) and isinstance(state.get("settings"), dict):
+            entry.setdefault("steps", state["settings"].get("confirm_steps"))
     return state
 
 
@@ -458,6 +468,8 @@ def check_state(state):
             check_result(e, depths, f"{stage}.{key[:40]}")
             if model_key(e["compact"]) != key:
                 raise ValueError(f"{stage}.{key[:40]} holds the result of another model ({e['compact'][:40]})")
+            if stage == "confirmed" and not star.field(e, "steps", (int,), f"confirmed.{key[:40]}") >= 1:
+                raise ValueError(f"confirmed.{key[:40]}.steps is {e['steps']}, not a budget")
     try:
         np.random.default_rng().bit_generator.state = star.field(state, "rng", (dict,), "checkpoint")
     except (ValueError, TypeError, KeyError) as e:
@@ -487,7 +499,7 @@ def time_left(run, world=1):
     search += (s["generations"] - run.generation - 1) * s["population"]
     confirm = 0
     if s["confirm_steps"]:
-        confirm = max(0, s["confirm_top"] + len(SEARCH_BASELINES) - len(run.confirmed))
+        confirm = max(0, s["confirm_top"] + len(SEARCH_BASELINES) - len(run.confirmed))  # an upper bound
         confirm *= s["confirm_steps"] / s["preset"]["steps"]
     seconds = sum(e["seconds"] for e in trained) / max(1, len(trained))
     measure = sum(e.get("measure_seconds", 0.0) for e in trained) / max(1, len(trained))

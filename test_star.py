@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -952,6 +953,8 @@ CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
     (lambda s: s.update(rng=[1, 2]), "rng"),
     (lambda s: s.update(elapsed=-3), "elapsed"),
     (lambda s: s.update(evaluations={}), "evaluations"),
+    (lambda s: next(iter(s["confirmed"].values())).update(steps="x"), "steps"),
+    (lambda s: next(iter(s["confirmed"].values())).update(steps=0), "steps"),
 ]
 
 
@@ -1140,6 +1143,31 @@ def test_confirmation_resumes_after_a_kill_in_the_middle(tmp_path, monkeypatch, 
         return {k: e["ppl"] for k, e in json.loads((out / "checkpoint.json").read_text())["confirmed"].items()}
     assert confirmed(tmp_path) == confirmed(confirmed_run)  # as if it had never been killed
     assert "## Confirmed result: 4 models" in (tmp_path / "report.md").read_text()
+
+
+def test_a_resume_with_other_confirm_steps_retrains_rather_than_reuses(tmp_path, confirmed_run):
+    """Confirmation results carry their budget: resumed with --confirm-steps 8, a run confirmed at
+    12 retrains its confirmed models at 8 and reports those, not the 12-step results."""
+    shutil.copytree(confirmed_run, tmp_path / "run")
+    old = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["confirmed"]
+    evolve.main(["--resume", str(tmp_path / "run"), "--confirm-steps", "8"])
+    new = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["confirmed"]
+    assert {e["steps"] for e in old.values()} == {12} and {e["steps"] for e in new.values()} == {8}
+    assert all(new[k]["ppl"] != old[k]["ppl"] for k in old)
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "retrained for 8 steps" in text and all(f"{e['ppl']:.3f}" in text for e in new.values())
+
+
+def test_a_version_2_confirmation_resumes_at_the_budget_it_was_trained_at(tmp_path, confirmed_run):
+    shutil.copytree(confirmed_run, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.json"
+    state = json.loads(path.read_text())
+    before = {k: e.pop("steps") and e["ppl"] for k, e in state["confirmed"].items()}  # version 2 had no steps
+    path.write_text(json.dumps(state))
+    as_version_2(path)
+    evolve.main(["--resume", str(tmp_path / "run")])  # finished: nothing is retrained
+    after = json.loads(path.read_text())["confirmed"]
+    assert {k: e["ppl"] for k, e in after.items()} == before and {e["steps"] for e in after.values()} == {12}
 
 
 def test_confirmation_can_be_skipped(tmp_path):
