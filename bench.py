@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 import genome as gn
@@ -317,7 +318,7 @@ def candidates(args):
     warm-up, then per random genome the seconds before its first timed step, training and
     evaluation seconds, tokens/s against the same genome compiled whole and against Transformer++
     compiled whole (the ceiling per-block compilation is held to)."""
-    device, rng = torch.device(args.device), __import__("numpy").random.default_rng(args.seed)
+    device, rng = torch.device(args.device), np.random.default_rng(args.seed)
     star.COMPILE_BACKEND = args.backend
     preset = dataclasses.replace(star.PRESETS[star.preset_name(args.preset)], steps=args.steps, compile=True,
                                  **{k: getattr(args, k) for k in ("width", "heads", "n_livs", "seq_len", "batch_size")

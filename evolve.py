@@ -499,7 +499,8 @@ def time_left(run, world=1):
     search += (s["generations"] - run.generation - 1) * s["population"]
     confirm = 0
     if s["confirm_steps"]:
-        confirm = max(0, s["confirm_top"] + len(SEARCH_BASELINES) - len(run.confirmed))  # an upper bound
+        done = sum(c.get("steps") == s["confirm_steps"] for c in run.confirmed.values())
+        confirm = max(0, s["confirm_top"] + len(SEARCH_BASELINES) - done)
         confirm *= s["confirm_steps"] / s["preset"]["steps"]
     seconds = sum(e["seconds"] for e in trained) / max(1, len(trained))
     measure = sum(e.get("measure_seconds", 0.0) for e in trained) / max(1, len(trained))

@@ -264,8 +264,8 @@ def every_variant():
     for c, cls in enumerate(CATALOGUE, start=1):
         lead = len(rows) + 1
         rows += [[c, lead, 2, lead, 2], [c, lead, 2, lead + 1, 1]]  # leader; a featurizer follower
-        rows += [[c, len(rows) + 1, 1, lead, s] for s in FEATURE_SHARING if s > 1 and _feature_supported(
-            np.array([[c, 1, 1, 1, s]]), 0)]
+        rows += [[c, len(rows) + 1, 1, lead, s] for s, groups in FEATURE_SHARING.items()
+                 if s > 1 and set(groups) <= set(cls.groups)]
     return repair(rows)
 
 

@@ -172,12 +172,9 @@ class AttentionMixer(nn.Module):
             return k, v, None
         if l != 1:
             raise ValueError("chunked prefill after a prefix is not supported: prefill once, then step")
-        if "B" not in shared:
-            cache["k"][:, :, start % ring] = k[:, :, 0]
-            k = cache["k"]
-        if "V" not in shared:
-            cache["v"][:, :, start % ring] = v[:, :, 0]
-            v = cache["v"]
+        for name, t in own:
+            cache[name][:, :, start % ring] = t[:, :, 0]
+        k, v = cache.get("k", k), cache.get("v", v)  # the ring (a shared group: the leader's)
         return k, v, (torch.arange(ring, device=k.device) <= start)[None]  # (1, ring): slots written so far
 
     def attend(self, q, k, v, mask=None):
