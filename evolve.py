@@ -17,11 +17,13 @@ import json
 import math
 import os
 import time
+import uuid
 
 import numpy as np
 import torch
 
 import genome as gn
+import probes
 import report
 import star
 import workers
@@ -34,11 +36,14 @@ OBJECTIVES = {  # all minimised
     "quality-recall": ("ppl", "recall_error"),  # recall_error = 1 - mean accuracy of the capability probes
     "recall": ("recall_error",),
 }
-DEFAULTS = {"tiny": {"population": 8, "generations": 4}, "gpu": {"population": 16, "generations": 18}}
+DEFAULTS = {  # per preset; the tiny confirmation (2 seeds of 6 models at 2x) keeps the bare run near 11 min on 2 cores
+    "tiny": {"population": 8, "generations": 4, "confirm_factor": 2, "confirm_top": 2, "confirm_seeds": 2, "rank_check": 2},
+    "gpu": {"population": 16, "generations": 18, "confirm_factor": 4, "confirm_top": 3, "confirm_seeds": 3, "rank_check": 3},
+}
 SEARCH_BASELINES = ("transformer++", "striped-mamba")  # of genome.BASELINES: trained and compared by every run
 SINGLE_OBJECTIVE_ELITES = 2  # paper: 2 survivors carried over in single-objective runs
 FAILED = 1e30  # the objective value of a failed candidate: worse than anything real
-VERSION = 3  # of checkpoint.json (version 2 is read too: Run.load)
+VERSION = 4  # of checkpoint.json (versions 2 and 3 are read too: Run.load)
 
 # ---------------------------------------------------------------------------------------------
 # NSGA-II (Deb et al. 2002)
@@ -148,7 +153,9 @@ def survivors(F_parents, F_children, n):
 
 def search(run, pool, log=print):
     """The STAR loop: baselines, a random population, then generations of children and survival;
-    then the confirmation of the best at a longer budget. Resumes wherever the run stopped."""
+    then the confirmation of the best at a longer budget. Resumes wherever the run stopped.
+    With --random-search (ours: the control of Li and Talwalkar 2019) every generation is drawn at
+    random instead, through the same training, survival and confirmation."""
     s = run.settings
     run_baselines(run, pool, log)
     if not run.population and not run.pending:
@@ -163,9 +170,12 @@ def search(run, pool, log=print):
             report_generation(run, log)
         if run.generation + 1 >= s["generations"]:
             break
-        children = make_children([gn.from_compact(c) for c in run.population], run.objectives(run.population),
-                                 s["population"], run.rng, gn.crossover,
-                                 lambda g, rng: gn.mutate(g, rng, s["mutation"]))
+        if s["random_search"]:  # the equal-budget control: no selection, crossover or mutation
+            children = [gn.random_genome(s["preset"]["n_livs"], run.rng) for _ in range(s["population"])]
+        else:
+            children = make_children([gn.from_compact(c) for c in run.population], run.objectives(run.population),
+                                     s["population"], run.rng, gn.crossover,
+                                     lambda g, rng: gn.mutate(g, rng, s["mutation"]))
         run.generation, run.pending = run.generation + 1, [gn.to_compact(c) for c in children]
         run.save()
     confirm(run, pool, log)
@@ -176,10 +186,10 @@ def evaluate_pending(run, pool, log):
     done, tasks, index = run.results, [], {}
     for i, compact in enumerate(run.pending):
         key, tag = model_key(compact), f"gen {run.generation:2d} cand {i + 1:2d}/{len(run.pending)}"
-        if key in done or key in index:
-            same = done[key]["compact"] if key in done else run.pending[index[key]]
+        if (key in done and not done[key].get("transient")) or key in index:
+            same = run.pending[index[key]] if key in index else done[key]["compact"]
             log(f"{tag}  {compact}  reused" + ("" if same == compact else f" (same model as {same})") +
-                (f": {report.fmt_result(done[key])}" if key in done else ""))
+                (f": {report.fmt_result(done[key])}" if key not in index else ""))
         else:
             index[key] = i
             tasks.append((compact, "search"))
@@ -187,7 +197,8 @@ def evaluate_pending(run, pool, log):
         entry = record(tasks[t][0], result, rank, generation=run.generation)
         run.evaluations.append(entry)
         run.save()
-        with open(os.path.join(run.out, "evaluations.jsonl"), "a") as f:
+        path = os.path.join(run.out, "evaluations.jsonl")
+        with star.writing(path), open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         log(f"gen {run.generation:2d} cand {index[entry['key']] + 1:2d}/{len(run.pending)}  {entry['compact']}  "
             f"{report.describe(entry, pool.world)}  ~{star.duration(time_left(run, pool.world))} left in the search")
@@ -208,82 +219,126 @@ def next_population(run):
 
 
 def run_baselines(run, pool, log):
-    """Both baselines at the search's budget, and the first once more under the second seed: the
-    spread of the two is the noise floor the report states beside every margin."""
+    """Both baselines at the search's budget: every margin of the report is to them."""
     names = {c: name for name, c in baseline_compacts(run).items()}
     tasks = [(c, "search") for c, name in names.items() if name not in run.baselines]
-    if noise_entry(run) is None:
-        tasks.append((baseline_compacts(run)[SEARCH_BASELINES[0]], "seed"))
     for t, result, rank in pool.map(tasks):
-        compact, stage = tasks[t]
-        entry = record(compact, result, rank, stage=stage)
-        if stage == "seed":
-            run.noise[entry["key"]] = entry
-        else:
-            run.baselines[names[compact]] = entry
+        entry = record(tasks[t][0], result, rank)
+        run.baselines[names[entry["compact"]]] = entry
         run.save()
-        log(f"baseline {names[compact] + (' (second seed)' if stage == 'seed' else ''):27s} {report.describe(entry, pool.world)}")
+        log(f"baseline {names[entry['compact']]:16s} {report.describe(entry, pool.world)}")
 
 
-def baseline_compacts(run):
-    n = max(2, run.settings["preset"]["n_livs"] // 2 * 2)  # baselines need an even depth
+def baseline_compacts(run, n_livs=None):
+    n = max(2, (n_livs or run.settings["preset"]["n_livs"]) // 2 * 2)  # baselines need an even depth
     return {name: gn.to_compact(gn.baseline(name, n)) for name in SEARCH_BASELINES}
 
 
-def noise_entry(run):
-    """The first baseline retrained under the second seed at the search's budget, if done."""
-    return run.noise.get(model_key(baseline_compacts(run)[SEARCH_BASELINES[0]]))
-
-
 def confirm(run, pool, log):
-    """Retrain the confirm_set at the confirmation's longer budget, all under the second seed
-    (common random numbers among themselves): how far the search's verdicts hold."""
+    """Retrain the confirm_set at the confirmation's longer budget under --confirm-seeds seeds (the
+    search's seed + 1, + 2, ..., common to all models), and once at the larger size if asked: how
+    far the search's verdicts hold, with the seed-to-seed spread they have to clear."""
     s = run.settings
-    tasks = [(e["compact"], "confirm") for e in confirm_set(run) if not confirmed_at_budget(run, e["key"])]
-    if not s["confirm_steps"] or not tasks:
+    if not s["confirm_steps"]:
         return
-    log(f"confirmation: {len(tasks)} models retrained for {s['confirm_steps']} steps under seed {s['seed'] + 1}")
+    tasks = [(e["compact"], "confirm", seed) for _, e in confirm_set(run) for seed in confirm_seeds(s)]
+    if large_size(s):
+        tasks += [(scaled(run, e["compact"]), "large", s["seed"] + 1) for _, e in confirm_set(run)]
+    tasks = [t for t in tasks if not confirmation(run, *t)]
+    if not tasks:
+        return
+    log(f"confirmation: {len(tasks)} trainings of {s['confirm_steps']} steps "
+        f"(seeds {', '.join(map(str, confirm_seeds(s)))}{'; larger size' if large_size(s) else ''})")
     for t, result, rank in pool.map(tasks):
-        entry = record(tasks[t][0], result, rank, stage="confirm", steps=s["confirm_steps"])
-        run.confirmed[entry["key"]] = entry
+        compact, stage, seed = tasks[t]
+        entry = record(compact, result, rank, stage=stage, steps=s["confirm_steps"], seed=seed,
+                       **({"width": large_size(s)[1]} if stage == "large" else {}))
+        run.confirmed[confirmation_id(compact, stage, seed)] = entry
         run.save()
-        log(f"confirm {entry['summary'][:40]:40s} {report.describe(entry, pool.world)}")
+        log(f"{stage} {entry['summary'][:40]:40s} seed {seed}  {report.describe(entry, pool.world)}")
 
 
-def confirmed_at_budget(run, key):
-    """The model's confirmed result if it was trained at today's --confirm-steps (a resume may
-    change them: an older budget's result is retrained, never reported under the new one)."""
-    c = run.confirmed.get(key)
-    return c if c and c.get("steps") == run.settings["confirm_steps"] else None
+def confirm_seeds(s):
+    return [s["seed"] + 1 + i for i in range(s["confirm_seeds"])]
+
+
+def large_size(s):
+    """(n_livs, width) of the larger-model confirmation, or None when not asked for."""
+    if not (s["confirm_n_livs"] or s["confirm_width"]):
+        return None
+    return s["confirm_n_livs"] or s["preset"]["n_livs"], s["confirm_width"] or s["preset"]["width"]
+
+
+def scaled(run, compact):
+    """A confirmed model at the larger depth: a candidate stacked (Composer), a baseline rebuilt."""
+    n_livs = large_size(run.settings)[0]
+    names = {c: name for name, c in baseline_compacts(run).items()}
+    if compact in names:
+        return baseline_compacts(run, n_livs)[names[compact]]
+    return gn.to_compact(gn.scale(gn.from_compact(compact), n_livs, "stack"))
+
+
+def confirmation_id(compact, stage, seed):
+    return f"{stage}/{seed}/{model_key(compact)}"
+
+
+def confirmation(run, compact, stage, seed):
+    """The model's result at today's confirmation budget (and size), under this seed, if trained
+    (a resume may change them: an older budget's result is retrained, never reported as the new)."""
+    c = run.confirmed.get(confirmation_id(compact, stage, seed))
+    size = large_size(run.settings)
+    fits = c and c.get("steps") == run.settings["confirm_steps"] and (stage == "confirm" or c.get("width") == size[1])
+    return c if fits else None
 
 
 def confirm_set(run):
     """The search entries to confirm: the top K distinct candidates (one objective) or K spread
-    along the front from its lowest perplexity (several), then the baselines."""
+    along the front from its lowest perplexity (several); then the rank check, R candidates from
+    the middle to the bottom of the search's ranking; then the baselines."""
     table, k = final_table(run), run.settings["confirm_top"]
     if len(OBJECTIVES[run.settings["objective"]]) > 1 and len(table) > k:
         table = [table[i] for i in sorted(set(np.linspace(0, len(table) - 1, k).round().astype(int)))]
-    chosen = table[:k] + [run.baselines[name] for name in SEARCH_BASELINES if run.baselines[name]["status"] == "ok"]
-    return list({e["key"]: e for e in chosen}.values())
+    rest, r = [e for e in ranking(run) if e["key"] not in {t["key"] for t in table[:k]}], run.settings["rank_check"]
+    checks = [rest[i] for i in sorted(set(np.linspace(len(rest) // 2, len(rest) - 1, r).round().astype(int)))] \
+        if rest and r else []
+    chosen = [("top", e) for e in table[:k]] + [("rank check", e) for e in checks] + \
+        [("baseline", run.baselines[n]) for n in SEARCH_BASELINES if run.baselines[n]["status"] == "ok"]
+    first = {}
+    for kind, e in chosen:  # a model chosen twice (a candidate that is a baseline) is confirmed once
+        first.setdefault(e["key"], (kind, e))
+    return list(first.values())
+
+
+def ranking(run):
+    """The distinct trained candidates, best first by the first objective."""
+    key = OBJECTIVES[run.settings["objective"]][0]
+    ok = {e["key"]: e for e in run.evaluations if e["status"] == "ok" and e.get(key) is not None}
+    return sorted(ok.values(), key=lambda e: e[key])
 
 
 def final_table(run):
     """The front of the final population (several objectives; by perplexity) or the top 10 (one)."""
-    ok = [e for e in run.evaluations if e["status"] == "ok"]
     keys = OBJECTIVES[run.settings["objective"]]
     if len(keys) == 1:
-        return sorted(ok, key=lambda e: e[keys[0]])[:10]
+        return ranking(run)[:10]
     results = run.results
     front = [results[model_key(run.population[i])] for i in non_dominated_sort(run.objectives(run.population))[0]]
     return sorted({e["key"]: e for e in front if e["status"] == "ok"}.values(), key=lambda e: e["ppl"])
 
 
-def confirmed_pairs(run):
-    """(label, search entry, confirmed entry) for every model of the confirm_set confirmed so far."""
-    labels = {e["key"]: f"#{i + 1}" for i, e in enumerate(final_table(run))}
-    labels.update({e["key"]: name for name, e in run.baselines.items()})
-    pairs = [(labels[e["key"]], e, confirmed_at_budget(run, e["key"])) for e in confirm_set(run)]
-    return [(label, e, c) for label, e, c in pairs if c and c["status"] == "ok"]
+def confirmed_rows(run):
+    """report.Confirmed rows for every model of the confirm_set confirmed so far under some seed."""
+    s, rank = run.settings, {e["key"]: i + 1 for i, e in enumerate(ranking(run))}
+    names = {e["key"]: name for name, e in run.baselines.items()}
+    rows = []
+    for kind, e in confirm_set(run):
+        runs = [c for c in (confirmation(run, e["compact"], "confirm", seed) for seed in confirm_seeds(s)) if c]
+        runs = [c for c in runs if c["status"] == "ok"]
+        large = large_size(s) and confirmation(run, scaled(run, e["compact"]), "large", s["seed"] + 1)
+        label = names.get(e["key"]) or f"#{rank[e['key']]}"
+        if runs:
+            rows.append(report.Confirmed(label, kind, e, runs, large if large and large["status"] == "ok" else None))
+    return rows
 
 
 class NothingTrained(RuntimeError):
@@ -302,7 +357,7 @@ def results(run):
     return report.Results(out=run.out, settings=run.settings, objectives=OBJECTIVES[run.settings["objective"]],
                           evaluations=run.evaluations, baselines={n: run.baselines[n] for n in SEARCH_BASELINES
                                                                    if n in run.baselines},
-                          noise=noise_entry(run), top=final_table(run), confirmed=confirmed_pairs(run),
+                          top=final_table(run), confirmed=confirmed_rows(run),
                           elapsed=run.elapsed())
 
 
@@ -312,7 +367,7 @@ def results(run):
 
 class Run:
     """State of one search: everything a resume needs, and nothing derivable."""
-    STATE = ("settings", "generation", "population", "pending", "evaluations", "baselines", "noise", "confirmed")
+    STATE = ("settings", "generation", "population", "pending", "evaluations", "baselines", "confirmed")
 
     def __init__(self, out, settings):
         self.out, self.settings = out, settings
@@ -321,8 +376,7 @@ class Run:
         self.pending = []  # compact genomes of the generation in progress (some may be trained already)
         self.evaluations = []  # candidates at the search's budget, in order of completion
         self.baselines = {}  # name -> result at the search's budget
-        self.noise = {}  # model key -> the first baseline's result under the second seed, search's budget
-        self.confirmed = {}  # model key -> result at the confirmation's budget, second seed
+        self.confirmed = {}  # 'stage/seed/model key' -> result at the confirmation's budget (confirmation_id)
         self.rng = np.random.default_rng(settings["seed"])
         self.started = time.time()
         self.elapsed_before = 0.0  # seconds spent before a resume
@@ -366,21 +420,32 @@ class Run:
 
 
 def upgrade(state):
-    """A version-2 checkpoint in version 3's names: 'batch' became 'pending'; 'extra', results under
-    'seed:<key>' and 'confirm:<key>', became 'noise' and 'confirmed' keyed by model. Else as read."""
-    if not (isinstance(state, dict) and state.get("version") == 2 and isinstance(state.get("extra"), dict)):
+    """An older checkpoint in version 4's names; else as read. Version 2 -> 3: 'batch' became
+    'pending'; 'extra', results under 'seed:<key>' and 'confirm:<key>', became 'noise' and
+    'confirmed' keyed by model. 3 -> 4: the noise run is gone (the spread is measured over the
+    confirmation's seeds); confirmed results are keyed 'confirm/<seed>/<key>', the seed the search's
+    + 1; the settings gain the confirmation's new flags, off."""
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         return state
-    state = {**state, "version": 3, "noise": {}, "confirmed": {}}
-    if "batch" in state:
-        state["pending"] = state.pop("batch")
-    for key, entry in state.pop("extra").items():
-        stage, _, model = key.partition(":")
-        if stage not in ("seed", "confirm"):
-            raise ValueError(f"extra: unknown entry {key[:40]!r}")
-        state["noise" if stage == "seed" else "confirmed"][model] = entry
-    for entry in state["confirmed"].values():  # trained at the budget the settings then held
-        if isinstance(entry, dict) and isinstance(state.get("settings"), dict):
-            entry.setdefault("steps", state["settings"].get("confirm_steps"))
+    if state.get("version") == 2 and isinstance(state.get("extra"), dict):
+        state = {**state, "version": 3, "noise": {}, "confirmed": {}}
+        if "batch" in state:
+            state["pending"] = state.pop("batch")
+        for key, entry in state.pop("extra").items():
+            stage, _, model = key.partition(":")
+            if stage not in ("seed", "confirm"):
+                raise ValueError(f"extra: unknown entry {key[:40]!r}")
+            state["noise" if stage == "seed" else "confirmed"][model] = entry
+        for entry in state["confirmed"].values():  # trained at the budget the settings then held
+            if isinstance(entry, dict):
+                entry.setdefault("steps", state["settings"].get("confirm_steps"))
+    if state.get("version") == 3 and isinstance(state.get("confirmed"), dict):
+        seed = state["settings"].get("seed", 0) + 1 if isinstance(state["settings"].get("seed"), int) else None
+        state = {**state, "version": 4, "confirmed": {f"confirm/{seed}/{key}": {"stage": "confirm", **e, "seed": seed} if isinstance(
+            e, dict) else e for key, e in state["confirmed"].items()}, "settings": {
+            "confirm_seeds": 1, "rank_check": 0, "random_search": False, "confirm_n_livs": None, "confirm_width": None,
+            "run_id": uuid.uuid4().hex, **state["settings"]}}
+        state.pop("noise", None)
     return state
 
 
@@ -397,7 +462,10 @@ def check_settings(s):
     for key, kinds in (("objective", (str,)), ("preset_name", (str,)), ("preset", (dict,)), ("population", (int,)),
                        ("generations", (int,)), ("mutation", (int, float)), ("seed", (int,)),
                        ("data", (str, type(None))), ("vocab_size", (int, type(None))), ("threads", (int,)),
-                       ("confirm_steps", (int,)), ("confirm_top", (int,)), ("probes", (bool,))):
+                       ("confirm_steps", (int,)), ("confirm_top", (int,)), ("probes", (bool,)),
+                       ("confirm_seeds", (int,)), ("rank_check", (int,)), ("random_search", (bool,)),
+                       ("confirm_n_livs", (int, type(None))), ("confirm_width", (int, type(None))),
+                       ("run_id", (str,))):
         star.field(s, key, kinds, "settings")
     if s["objective"] not in OBJECTIVES:
         raise ValueError(f"unknown objective {s['objective']!r}; choose from {', '.join(OBJECTIVES)}")
@@ -407,12 +475,21 @@ def check_settings(s):
         star.check_preset(star.Preset(**s["preset"]))
     except TypeError as e:
         raise ValueError(f"settings.preset: {e}") from None
-    numbers = ("population", "generations", "mutation", "threads", "confirm_steps", "confirm_top")
-    for key in numbers + (("vocab_size",) if s["vocab_size"] is not None else ()):
+    numbers = ("population", "generations", "mutation", "threads", "confirm_steps", "confirm_top", "confirm_seeds",
+               "rank_check")
+    for key in numbers + tuple(k for k in ("vocab_size", "confirm_n_livs", "confirm_width") if s[k] is not None):
         try:
             star.check_number(key, s[key])
         except ValueError as e:
             raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+    if large_size(s):
+        n, n_livs = s["preset"]["n_livs"], large_size(s)[0]
+        if n_livs % n:
+            raise ValueError(f"--confirm-n-livs {n_livs} is not a multiple of the search's {n} LIVs (a stacked copy)")
+        try:
+            star.check_preset(star.Preset(**{**s["preset"], "n_livs": n_livs, "width": large_size(s)[1]}))
+        except ValueError as e:
+            raise ValueError(f"--confirm-width/--confirm-n-livs: {e}") from None
     return s
 
 
@@ -422,24 +499,49 @@ def check_compact(compact, depths, where):
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     problems = gn.validate(g)
-    if problems or len(g) not in depths:
+    if problems or (depths and len(g) not in depths):
         raise ValueError(f"{where}: {problems[0] if problems else f'{len(g)} LIVs, the run has {depths[0]}'}")
 
 
 def check_result(e, depths, where):
-    """One trained model's entry: the fields the search and the report read."""
+    """One trained model's entry: every field a run writes, each of its kind and range, and the
+    fields that name the model (compact, genome, key, summary) naming the same one."""
     check_compact(star.field(e, "compact", (str,), where), depths, where)
+    g = gn.from_compact(e["compact"])
+    if star.field(e, "genome", (list,), where) != g.tolist() or star.field(e, "key", (str,), where) != model_key(
+            e["compact"]) or star.field(e, "summary", (str,), where) != gn.summary(g):
+        raise ValueError(f"{where}: its genome, key or summary is not that of {e['compact'][:40]}")
     if star.field(e, "status", (str,), where) not in ("ok", "failed"):
         raise ValueError(f"{where}.status is {e['status']!r}, not ok or failed")
     ppl = star.field(e, "ppl", (int, float, type(None)), where)
     if e["status"] == "ok" and not (ppl is not None and math.isfinite(ppl) and ppl >= 1):
         raise ValueError(f"{where}.ppl is {ppl!r} for a model that trained")
-    for key in ("params", "cache_bytes"):
-        star.field(e, key, (int, type(None)), where)
-    for key in ("seconds", "train_seconds"):
-        if not star.field(e, key, (int, float), where) >= 0:
+    if e["status"] == "failed":
+        star.field(e, "error", (str,), where)
+    for key in ("params", "params_non_embedding", "cache_bytes", "rank"):
+        if e.get(key) is not None and star.field(e, key, (int,), where) < 0:
             raise ValueError(f"{where}.{key} is negative")
-    star.field(e, "summary", (str,), where)
+    for key in ("seconds", "train_seconds", "measure_seconds", "first_step_seconds", "eval_seconds",
+                "tokens_per_second", "latency_ms"):
+        if (key in e or key in ("seconds", "train_seconds")) and not (
+                math.isfinite(star.field(e, key, (int, float), where)) and e[key] >= 0):
+            raise ValueError(f"{where}.{key} is {e[key]!r}, not a finite number >= 0")
+    check_probes(e, where)
+
+
+def check_probes(e, where):
+    """Probe scores: shares in [0, 1] of known tasks, and a recall error that is 1 - their mean."""
+    scores, error = e.get("probes"), e.get("recall_error")
+    if scores is None and error is None:
+        return
+    star.field(e, "probes", (dict,), where)
+    for task, share in scores.items():
+        if task not in probes.TASKS or not isinstance(share, (int, float)) or isinstance(share, bool) \
+                or not 0 <= share <= 1:
+            raise ValueError(f"{where}.probes.{str(task)[:20]} is {share!r}: not a share of a known task")
+    error = star.field(e, "recall_error", (int, float), where)
+    if not scores or abs(error - (1 - sum(scores.values()) / len(scores))) > 1e-9:
+        raise ValueError(f"{where}.recall_error is {error!r}, not 1 - the mean of its probe scores")
 
 
 def check_state(state):
@@ -448,6 +550,9 @@ def check_state(state):
     if star.field(state, "version", (int,), "checkpoint") != VERSION:
         raise ValueError(f"version {state['version']}; this code reads version {VERSION}")
     s = check_settings(star.field(state, "settings", (dict,), "checkpoint"))
+    star.field(s, "device", (str,), "settings")
+    if "latency_note" in s:
+        star.field(s, "latency_note", (str,), "settings")
     n = (s["preset"]["n_livs"],)
     depths = n + (max(2, n[0] // 2 * 2),)  # candidates, and baselines (an even depth)
     if star.field(state, "generation", (int,), "checkpoint") < 0:
@@ -463,13 +568,15 @@ def check_state(state):
         if name not in SEARCH_BASELINES:
             raise ValueError(f"baselines: unknown baseline {name!r}")
         check_result(e, depths[1:], f"baselines.{name}")
-    for stage in ("noise", "confirmed"):
-        for key, e in star.field(state, stage, (dict,), "checkpoint").items():
-            check_result(e, depths, f"{stage}.{key[:40]}")
-            if model_key(e["compact"]) != key:
-                raise ValueError(f"{stage}.{key[:40]} holds the result of another model ({e['compact'][:40]})")
-            if stage == "confirmed" and not star.field(e, "steps", (int,), f"confirmed.{key[:40]}") >= 1:
-                raise ValueError(f"confirmed.{key[:40]}.steps is {e['steps']}, not a budget")
+    for key, e in star.field(state, "confirmed", (dict,), "checkpoint").items():
+        where = f"confirmed.{key[:48]}"  # the larger size at any depth: the flags may change on resume
+        check_result(e, None if star.field(e, "stage", (str,), where) == "large" else depths, where)
+        seed, steps = star.field(e, "seed", (int,), where), star.field(e, "steps", (int,), where)
+        if confirmation_id(e["compact"], e["stage"], seed) != key or e["stage"] not in ("confirm", "large"):
+            raise ValueError(f"{where} holds the result of another model, stage or seed ({e['compact'][:40]}, "
+                             f"{e['stage']}, seed {seed})")
+        if steps < 1:
+            raise ValueError(f"{where}.steps is {steps}, not a budget")
     try:
         np.random.default_rng().bit_generator.state = star.field(state, "rng", (dict,), "checkpoint")
     except (ValueError, TypeError, KeyError) as e:
@@ -491,17 +598,21 @@ def record(compact, result, rank, **where):
 
 def time_left(run, world=1):
     """Seconds left: the mean wall time of a model trained so far, times the models still to train
-    (this generation's, the later generations'), plus the confirmation's models at its budget (they
-    are trained, not probed or timed), / processes."""
+    (this generation's, the later generations'), plus the confirmation's trainings at its budget
+    (not probed or timed; the larger size's by its depth x width^2), / processes."""
     trained = run.evaluations + list(run.baselines.values())
     s = run.settings
     search = len({model_key(c) for c in run.pending} - set(run.results))
     search += (s["generations"] - run.generation - 1) * s["population"]
     confirm = 0
     if s["confirm_steps"]:
-        done = sum(c.get("steps") == s["confirm_steps"] for c in run.confirmed.values())
-        confirm = max(0, s["confirm_top"] + len(SEARCH_BASELINES) - done)
-        confirm *= s["confirm_steps"] / s["preset"]["steps"]
+        models = s["confirm_top"] + s["rank_check"] + len(SEARCH_BASELINES)
+        large = large_size(s)
+        todo = {"confirm": models * s["confirm_seeds"], "large": models if large else 0}
+        for c in run.confirmed.values():
+            todo[c["stage"]] -= c["steps"] == s["confirm_steps"]
+        scale = large[0] / s["preset"]["n_livs"] * (large[1] / s["preset"]["width"]) ** 2 if large else 0
+        confirm = (max(0, todo["confirm"]) + max(0, todo["large"]) * scale) * s["confirm_steps"] / s["preset"]["steps"]
     seconds = sum(e["seconds"] for e in trained) / max(1, len(trained))
     measure = sum(e.get("measure_seconds", 0.0) for e in trained) / max(1, len(trained))
     return (seconds * search + (seconds - measure) * confirm) / world
@@ -530,9 +641,23 @@ def parse_args(argv):
     p.add_argument("--mutation", type=star.number("mutation"), default=None, metavar="P",
                    help="per-gene mutation probability (default 0.1)")
     p.add_argument("--confirm-steps", type=star.number("confirm_steps"), default=None, metavar="N",
-                   help="steps of the confirmation stage (default 4x --steps; 0 skips it)")
-    p.add_argument("--confirm-top", type=star.number("confirm_top"), default=None, metavar="K",
-                   help="candidates confirmed beside the baselines (default 3)")
+                   help="steps of the confirmation stage (" + ", ".join(
+                       f"{k} {v['confirm_factor']}x --steps" for k, v in DEFAULTS.items()) + "; 0 skips it)")
+    for flag, what in (("confirm_top", "best candidates confirmed beside the baselines"),
+                       ("confirm_seeds", "seeds each confirmed model is retrained under: the spread margins must clear"),
+                       ("rank_check", "candidates from the middle and bottom of the search confirmed too")):
+        p.add_argument("--" + flag.replace("_", "-"), type=star.number(flag), default=None, metavar="K",
+                       help=f"{what} (" + ", ".join(f"{k} {v[flag]}" for k, v in DEFAULTS.items()) + ")")
+    p.add_argument("--confirm-n-livs", type=star.number("confirm_n_livs"), default=None, metavar="N",
+                   help="also confirm at this depth (a multiple of --n-livs; candidates stacked), one seed")
+    p.add_argument("--confirm-width", type=star.number("confirm_width"), default=None, metavar="W",
+                   help="also confirm at this width, one seed")
+    p.add_argument("--random-search", action="store_true", default=None,
+                   help="the equal-budget control: every generation drawn at random (no selection, crossover, mutation)")
+    p.add_argument("--lease", type=star.number("lease"), default=120.0, metavar="SECONDS",
+                   help="under torchrun: a task whose process shows no life for this long is trained elsewhere")
+    p.add_argument("--compare", nargs="+", default=None, metavar="DIR",
+                   help="print finished runs side by side (e.g. a search and its --random-search control) and exit")
     p.add_argument("--probes", action="store_true", default=None,
                    help="also run the capability probes on every candidate (implied by the recall objectives)")
     p.add_argument("--threads", type=star.number("threads"), default=None, metavar="N",
@@ -562,39 +687,54 @@ def settings_from_args(args, log):
                 "generations": given(args.generations, defaults["generations"]),
                 "mutation": given(args.mutation, 0.1), "seed": preset.seed, "data": args.data,
                 "vocab_size": args.vocab_size, "threads": given(args.threads, torch.get_num_threads()),
-                "confirm_steps": given(args.confirm_steps, 4 * preset.steps), "confirm_top": given(args.confirm_top, 3)}
+                "confirm_steps": given(args.confirm_steps, defaults["confirm_factor"] * preset.steps),
+                "confirm_n_livs": args.confirm_n_livs, "confirm_width": args.confirm_width,
+                "random_search": bool(args.random_search), "run_id": uuid.uuid4().hex}
+    for key in ("confirm_top", "confirm_seeds", "rank_check"):
+        settings[key] = given(getattr(args, key), defaults[key])
     settings["probes"] = bool(args.probes) or "recall_error" in OBJECTIVES.get(settings["objective"], ())
     return check_settings(settings)
 
 
 def check_resume_conflicts(args, saved):
     """Flags given with --resume must agree with the run's settings; --generations and the
-    confirmation's flags may change (they do not alter what was trained)."""
+    confirmation's flags may change (they do not alter what was trained), checked again."""
     given = {"objective": args.objective, "population": args.population, "mutation": args.mutation,
              "data": args.data, "vocab_size": args.vocab_size, "preset_name": args.preset, "threads": args.threads,
-             "probes": args.probes}
+             "probes": args.probes, "random_search": args.random_search}
     given.update({f.name: getattr(args, f.name) for f in dataclasses.fields(star.Preset)})
     for key, value in given.items():
         have = saved["preset"][key] if key in saved["preset"] else saved[key]
         if value is not None and value != have:
             flag = "--" + ("preset" if key == "preset_name" else key.replace("_", "-"))
             raise ValueError(f"--resume: {flag} {value} conflicts with the run's {have}")
-    for key in ("generations", "confirm_steps", "confirm_top"):
+    for key in ("generations", "confirm_steps", "confirm_top", "confirm_seeds", "rank_check", "confirm_n_livs",
+                "confirm_width"):
         if getattr(args, key) is not None:
             saved[key] = getattr(args, key)
+    check_settings(saved)
 
 
-def open_run(args, world, log):
-    """A new run, or the one in --resume (or in --out, when torchrun restarts a failed group)."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+def open_run(args, world, log, shared=None):
+    """A new run, or the one in --resume; when torchrun restarts a failed group, the run in --out
+    that this group started (its run id, kept in the store that outlives restarts), and no other."""
     if world > 1 and not (args.out or args.resume):
         raise ValueError("a search under torchrun needs --out DIR (a restarted group resumes from it)")
-    resume = args.resume or (args.out if restarted and os.path.exists(os.path.join(args.out, "checkpoint.json"))
-                             else None)
-    if resume:
-        run = Run.load(resume)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not args.resume:
+        started = shared.get("run_id").decode() if shared is not None and shared.check(["run_id"]) else None
+        if started is None:
+            raise ValueError("torchrun restarted the group, but its first attempt started no run (it was refused); "
+                             "nothing is resumed")
+        run = Run.load(args.out)
+        if run.settings["run_id"] != started:
+            raise ValueError(f"{args.out} holds run {run.settings['run_id']}, not run {started} that this group started")
+        log(f"resuming {args.out} at generation {run.generation} ({len(run.evaluations)} candidates already trained): "
+            f"torchrun restarted the group of run {started}")
+        return run
+    if args.resume:
+        run = Run.load(args.resume)
         check_resume_conflicts(args, run.settings)
-        log(f"resuming {resume} at generation {run.generation} ({len(run.evaluations)} candidates already trained)")
+        log(f"resuming {args.resume} at generation {run.generation} ({len(run.evaluations)} candidates already trained)")
         return run
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if os.path.exists(os.path.join(out, "checkpoint.json")):
@@ -604,26 +744,30 @@ def open_run(args, world, log):
 
 def main(argv=None):
     args = parse_args(argv)
-    store, rank, world = workers.distributed()
+    if args.compare:
+        return compare(args.compare)
+    store, shared, rank, world = workers.distributed()
     if rank > 0:
         return workers.serve(store, rank, world)
     log = lambda s: print(s, flush=True)  # noqa: E731
     try:
-        run, evaluator = start(args, world, log)
+        run, evaluator = start(args, world, log, shared)
     except ValueError as e:
         if store is not None:
             store.set("settings", json.dumps({"abort": str(e)}))
         star.fail(e)
-    pool = workers.StoreWorkers(evaluator, store, rank, world) if store is not None else workers.Workers(evaluator)
+    pool = workers.StoreWorkers(evaluator, store, rank, world, args.lease) if store is not None \
+        else workers.Workers(evaluator)
     if store is not None:
-        store.set("settings", json.dumps(run.settings))
-    star.atomic_write(os.path.join(run.out, "evaluations.jsonl"), "".join(json.dumps(e) + "\n" for e in run.evaluations))
+        shared.set("run_id", run.settings["run_id"])  # a restart of this group resumes this run, no other
+        store.set("settings", json.dumps({**run.settings, "lease": args.lease}))
     s = run.settings
     log(f"STAR search: objective {s['objective']}, preset {s['preset_name']}, population {s['population']}, "
         f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {s['device']} x {world} process(es), "
         f"{s['threads']} thread(s) each; writing to {run.out}\n{star.budget_note(evaluator.corpus, evaluator.preset)}")
-    run.save()
     try:
+        star.atomic_write(os.path.join(run.out, "evaluations.jsonl"), "".join(json.dumps(e) + "\n" for e in run.evaluations))
+        run.save()
         search(run, pool, log)
     except KeyboardInterrupt:  # everything finished is in the checkpoint already
         report.write_outputs(results(run))
@@ -631,14 +775,30 @@ def main(argv=None):
     except NothingTrained as e:
         report.write_outputs(results(run))
         star.fail(e)
+    except ValueError as e:  # a write failed (a full device, ...): what was saved before it resumes
+        star.fail(f"{e}; continue with python evolve.py --resume {run.out} once it can be written")
     finally:
         pool.close()
-    report.write_outputs(results(run), log)
+    try:
+        report.write_outputs(results(run), log)
+    except ValueError as e:
+        star.fail(e)
 
 
-def start(args, world, log):
+def compare(dirs):
+    """Print finished runs side by side (report.compare_section): their checkpoints are checked as a resume's are."""
+    try:
+        runs = [results(Run.load(d)) for d in dirs]
+        if len({(r.objectives, r.settings["confirm_steps"], r.settings["preset_name"]) for r in runs}) > 1:
+            raise ValueError("--compare: the runs differ in objective, preset or confirmation budget")
+        print("\n".join(report.compare_section(runs)))
+    except ValueError as e:
+        star.fail(e)
+
+
+def start(args, world, log, shared=None):
     """The run (new or resumed) on its device, and its evaluator; every check before any write."""
-    run = open_run(args, world, log)
+    run = open_run(args, world, log, shared)
     device = star.resolve_device(args.device)
     run.settings["device"] = device
     torch.set_num_threads(run.settings["threads"])

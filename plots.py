@@ -7,8 +7,6 @@ takes plain data (genomes, result records) and writes a PNG; report.py chooses w
 - front: perplexity against the second objective, the Pareto front and the baselines;
 - confirmation: each confirmed model's perplexity at the search's budget and at the longer one.
 """
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
@@ -100,14 +98,19 @@ def front(evaluations, baselines, front_entries, x_key, objective, path):
     plt.close(fig)
 
 
-def confirmation(pairs, rho, axis_labels, path):
-    """pairs: (label, search result, confirmed result); baselines (labels without '#') as stars."""
+def confirmation(points, rho, axis_labels, path):
+    """points: (label, kind, search value, confirmed values under each seed); each model at its mean
+    with a bar over its seeds' range; baselines as stars."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, e, c in pairs:
-        baseline = not label.startswith("#")
-        ax.scatter([e["ppl"]], [c["ppl"]], marker="*" if baseline else "o", s=140 if baseline else 40,
-                   color="tab:red" if baseline else "tab:blue")
-        ax.annotate(label, (e["ppl"], c["ppl"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    colours = {"top": "tab:blue", "rank check": "tab:gray", "baseline": "tab:red"}
+    for label, kind, x, ys in points:
+        baseline, y = kind == "baseline", float(np.mean(ys))
+        ax.errorbar([x], [y], yerr=[[y - min(ys)], [max(ys) - y]], fmt="*" if baseline else "o",
+                    ms=12 if baseline else 6, color=colours[kind], capsize=3, label=kind)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left")
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     ax.set_title(f"confirmation: does the search's order hold? Spearman {rho:.2f}", fontsize=9)

@@ -7,6 +7,8 @@ rank correlation), then how to read the margins (noise floor, evolution against 
 the top 10 or the Pareto front with margins to every baseline, motif tables, failures, figures
 and the legend.
 """
+import itertools
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -26,10 +28,21 @@ class Results:
     objectives: tuple       # the objective's keys, all minimised: ('ppl',), ('ppl', 'cache_bytes'), ...
     evaluations: list       # every candidate trained at the search's budget, in order of completion
     baselines: dict         # baseline name -> result at the search's budget
-    noise: dict             # the first baseline retrained under the second seed at that budget, or None
     top: list               # the final front (several objectives) or the top 10 (one), best first
-    confirmed: list         # (label, search result, confirmed result): '#1'.. for candidates, baseline names
+    confirmed: list         # Confirmed rows, in the order of evolve.confirm_set
     elapsed: float          # seconds the search has run
+
+
+@dataclass
+class Confirmed:
+    """A model of the confirmation: its label ('#3', its place in the search's ranking; or a
+    baseline's name), kind ('top', 'rank check' or 'baseline'), its search result, its results at
+    the confirmation's budget under each seed, and at the larger size (one seed) or None."""
+    label: str
+    kind: str
+    search: dict
+    runs: list
+    large: dict = None
 
 
 def write_outputs(results, log=None):
@@ -54,10 +67,10 @@ def write_outputs(results, log=None):
 def best_genomes(results):
     """(the search's best entry, the confirmed best entry or None: confirmation retrains perplexity)."""
     key = results.objectives[0]
-    ok = [e for e in results.evaluations if e["status"] == "ok"]
+    ok = [e for e in results.evaluations if e["status"] == "ok" and e.get(key) is not None]
     search_best = min(ok, key=lambda e: e[key]) if ok else None
-    evolved = [(c["ppl"], e) for label, e, c in results.confirmed if label.startswith("#") and key == "ppl"]
-    return search_best, (min(evolved, key=lambda pair: pair[0])[1] if evolved else None)
+    evolved = [c for c in results.confirmed if c.kind != "baseline" and all(key in r for r in c.runs)]
+    return search_best, (min(evolved, key=lambda c: mean(c, key)).search if evolved else None)
 
 
 def write_report(results, figures=()):
@@ -87,68 +100,129 @@ def write_report(results, figures=()):
 
 
 def confirmation_section(r):
-    s, pairs, names = r.settings, r.confirmed, list(r.baselines)
+    s, rows, names, key = r.settings, r.confirmed, list(r.baselines), r.objectives[0]
     base, steps = s["preset"]["steps"], s["confirm_steps"]
     if not steps:
         return ["Confirmation skipped (--confirm-steps 0): the numbers below hold at the search's budget only.", ""]
-    if not pairs:
+    if not rows:
         return [f"Confirmation at {steps} steps: not run yet (it follows the last generation).", ""]
-    again = {name: next((c for label, _, c in pairs if label == name), None) for name in names}
-    rows = []
-    for label, e, c in pairs:
-        margins = [f"{pct(e['ppl'], r.baselines[n]['ppl'])} → {pct(c['ppl'], again[n]['ppl'])}" if again[n] else "-"
-                   for n in names]
-        rows.append([label, f"`{e['summary']}`", f"{e['ppl']:.3f}", f"{c['ppl']:.3f}"] + margins)
-    rho = spearman([e["ppl"] for _, e, _ in pairs], [c["ppl"] for _, _, c in pairs])
-    return [f"## Confirmed result: {len(pairs)} models retrained for {steps} steps (search: {base}), "
-            f"seed {s['seed'] + 1}", "", verdict(r, again), "",
-            *table(["model", "architecture", f"ppl, {base} steps", f"ppl, {steps} steps"] +
-                   [f"vs {n}, {base} → {steps} steps" for n in names], rows), "",
-            f"Spearman's rank correlation of perplexity between the two budgets over these {len(pairs)} models: "
-            f"{rho:.2f} (1: the search's order holds; 0: no relation).", ""]
+    sd, dof = spread(rows, key)
+    again = {c.label: c for c in rows if c.kind == "baseline"}
+    large = [c for c in rows if c.large]
+    size = f"{len(large[0].large['genome'])} LIVs x {large[0].large['width']}" if large else ""
+    table_rows = []
+    for c in rows:
+        margins = [(f"{pct(c.search[key], r.baselines[n][key], key)} → " + fmt_margin(*margin(c, again[n], key, sd, dof), key))
+                   if n in again and c.kind != "baseline" else "-" for n in names]
+        table_rows.append([c.label, c.kind, f"`{c.search['summary']}`", f"{c.search[key]:.3f}", fmt_mean(c, key)] +
+                          ([f"{c.large[key]:.3f}" if c.large else "-"] if large else []) + margins)
+    searched = [c.search[key] for c in rows]
+    lines = [f"## Confirmed result: {len(rows)} models retrained for {steps} steps (search: {base}) under "
+             f"seed(s) {', '.join(str(x['seed']) for x in rows[0].runs)}", "", verdict(r, sd, dof), "",
+             *table(["model", "kind", "architecture", f"{key}, {base} steps", f"{key}, {steps} steps (mean ± sd)"] +
+                    ([f"{key}, {size}"] if large else []) + [f"vs {n}, {base} → {steps} steps" for n in names],
+                    table_rows), "",
+             rule_line(sd, dof, key), "",
+             "Rank check (the search's order at the longer budget, over the top, the rank-check candidates from the "
+             f"middle and bottom of the search, and the baselines): {correlation_line(searched, [mean(c, key) for c in rows])}"]
+    if len(large) > 1:
+        lines += ["", f"At the larger size ({size}, seed {large[0].large['seed']}) against the confirmed means: "
+                  f"{correlation_line([mean(c, key) for c in large], [c.large[key] for c in large])}"]
+    return lines + [""]
 
 
-def verdict(r, again):
-    """One sentence: is the search's best still the best, and still ahead of every baseline?"""
-    evolved = [(label, e, c) for label, e, c in r.confirmed if label.startswith("#")]
+def verdict(r, sd, dof):
+    """Is the search's best still the best, and is the confirmed best ahead of each baseline by
+    more than the measured spread?"""
+    key, rows = r.objectives[0], r.confirmed
+    evolved = [c for c in rows if c.kind != "baseline"]
     if not evolved:
         return "No evolved candidate was confirmed."
-    label, e, c = min(evolved, key=lambda t: t[1]["ppl"])
-    best, steps = min(evolved, key=lambda t: t[2]["ppl"]), r.settings["confirm_steps"]
-    behind = [n for n in again if again[n] and c["ppl"] >= again[n]["ppl"]]
-    ahead = ", ".join(f"{n} by {100 * (again[n]['ppl'] - c['ppl']) / again[n]['ppl']:.1f}%"
-                      for n in again if again[n] and n not in behind)
-    first = (f"The search's best ({label}) is still the best confirmed candidate at {steps} steps"
-             if best[0] == label else f"The search's best ({label}) is no longer the best at {steps} steps "
-             f"({best[0]} is)")
-    return first + (f" and still ahead of every baseline ({ahead})." if not behind else
-                    f", and no longer ahead of {', '.join(behind)}" + (f" (still ahead of {ahead})." if ahead else "."))
+    best, top = min(evolved, key=lambda c: mean(c, key)), min(evolved, key=lambda c: c.search[key])
+    steps = r.settings["confirm_steps"]
+    first = (f"The search's best ({top.label}) is still the best confirmed candidate at {steps} steps" if best is top
+             else f"The search's best ({top.label}) is no longer the best at {steps} steps ({best.label} is)")
+    parts = []
+    for b in (c for c in rows if c.kind == "baseline"):
+        d, lo, hi = margin(best, b, key, sd, dof)
+        parts.append(f"{'ahead of' if d < 0 else 'behind'} {b.label} ({fmt_margin(d, lo, hi, key)})" if called(lo, hi)
+                     else f"level with {b.label} ({fmt_margin(d, lo, hi, key)}, " +
+                     ("inside the spread)" if lo is not None else "one seed: not resolved)"))
+    return first + (f"; the confirmed best ({best.label}) is " + ", ".join(parts) if parts else "") + "."
+
+
+def rule_line(sd, dof, key):
+    if sd is None:
+        return ("One seed per model: no seed-to-seed spread is measured, so no margin is called real "
+                "(run with --confirm-seeds 2 or more).")
+    unit = f"{100 * (math.exp(sd) - 1):.1f}% of perplexity" if key == "ppl" else f"{100 * sd:.1f} points"
+    return (f"Rule: a margin is called only when its 95% interval (Student's t, {dof} degrees of freedom, from the "
+            f"seed-to-seed spread pooled over the confirmed models: sd {unit}) excludes zero; else it is inside the noise.")
+
+
+def correlation_line(a, b):
+    if len(a) < 3:
+        return f"{len(a)} models, too few to rank."
+    (rho, p_rho), (tau, p_tau) = rank_correlations(a, b)
+    return (f"n = {len(a)}, Spearman's rho {rho:.2f} (p = {p_rho:.3f}), Kendall's tau-b {tau:.2f} (p = {p_tau:.3f}); "
+            "one-sided permutation p-values, small when the order holds.")
 
 
 def context_lines(r):
-    """The noise floor and evolution against random search: how to read the margins."""
-    lines, s = [], r.settings
-    name = next(iter(r.baselines), None)
-    first, noise = r.baselines.get(name), r.noise
-    if first and noise and first["status"] == noise["status"] == "ok":
-        spread = 100 * abs(first["ppl"] - noise["ppl"]) / first["ppl"]
-        lines.append(f"- Noise floor: {name} retrained under seed {s['seed'] + 1} at the search's budget reached "
-                     f"ppl {noise['ppl']:.3f} against {first['ppl']:.3f} under seed {s['seed']} ({spread:.1f}% apart); "
-                     f"margins smaller than this are within seed noise.")
-    randoms = [e for e in r.evaluations if e["generation"] == 0 and e["status"] == "ok"]
+    """What the spread can resolve, and what the within-run evolution line compares."""
+    lines, s, key = [], r.settings, r.objectives[0]
+    sd, dof = spread(r.confirmed, key)
+    if sd is not None and key == "ppl":
+        n = s["confirm_seeds"]
+        h = 100 * (math.exp(t975(dof) * sd * math.sqrt(2 / n)) - 1)
+        lines.append(f"- Noise floor: perplexity varies by {100 * (math.exp(sd) - 1):.1f}% (sd) from seed to seed at "
+                     f"{s['confirm_steps']} steps; with {n} seeds per model a margin must exceed about {h:.1f}% to be "
+                     "called (smaller margins are not resolved).")
+    randoms = [e for e in r.evaluations if e["generation"] == 0 and e["status"] == "ok" and e.get(key) is not None]
     search_best, _ = best_genomes(r)
-    if randoms and search_best:
-        best0 = min(e["ppl"] for e in randoms)
-        line = (f"- Evolution against random search: the best of the {len(randoms)} random genomes of generation 0 "
-                f"reached ppl {best0:.3f}, the final best {search_best['ppl']:.3f} "
-                f"({100 * (best0 - search_best['ppl']) / best0:.1f}% lower).")
-        keys = r.objectives
-        for name, b in r.baselines.items():
-            if b["status"] == "ok" and all(b.get(k) is not None for k in keys):
-                n = sum(all(e.get(k) is not None and e[k] < b[k] for k in keys) for e in randoms)
-                line += f" {n} of {len(randoms)} random genomes already beat {name} on every objective ({', '.join(keys)})."
-        lines.append(line)
+    if s.get("random_search"):
+        lines.append(f"- This run is the random-search control (--random-search): all {len(r.evaluations)} candidates "
+                     "were drawn at random; set it beside a search with `python evolve.py --compare DIR DIR`.")
+    elif randoms and search_best:
+        best0 = min(e[key] for e in randoms)
+        lines.append(f"- Within this run (not a control): the best of the {len(randoms)} random genomes of generation 0 "
+                     f"reached {key} {best0:.3f}, the best of all {len(r.evaluations)} candidates (generation 0 "
+                     f"included, so never worse) {search_best[key]:.3f} ({pct(search_best[key], best0, key)}). The "
+                     "equal-budget control is a run with --random-search, compared with `python evolve.py --compare`.")
     return lines + ([""] if lines else [])
+
+
+def compare_section(runs):
+    """Finished runs side by side (a search and its --random-search control, several seeds): the
+    confirmed best of each, its margin to each baseline, and evolution against random search for
+    each seed that has both, every margin with its 95% interval from the runs' pooled spread."""
+    key = runs[0].objectives[0]
+    names = list(runs[0].baselines)
+    rows, best = [], {}
+    for r in runs:
+        evolved = [c for c in r.confirmed if c.kind != "baseline"]
+        if not evolved:
+            raise ValueError(f"{r.out}: no confirmed candidate (the run has not finished its confirmation)")
+        b = best[(r.settings["seed"], bool(r.settings["random_search"]))] = min(evolved, key=lambda c: mean(c, key))
+        sd, dof = spread(r.confirmed, key)
+        again = {c.label: c for c in r.confirmed if c.kind == "baseline"}
+        rows.append([r.out, "random" if r.settings["random_search"] else "evolution", r.settings["seed"],
+                     f"{b.label} `{b.search['summary'][:40]}`", fmt_mean(b, key)] +
+                    [f"{fmt_mean(again[n], key)}; {fmt_margin(*margin(b, again[n], key, sd, dof), key)}"
+                     if n in again else "-" for n in names] + [f"{r.elapsed / 60:.1f}"])
+    sd, dof = spread([c for r in runs for c in r.confirmed], key)
+    lines = table(["run", "search", "seed", "confirmed best", f"{key} (mean ± sd)"] +
+                  [f"{n}: mean ± sd; best's margin" for n in names] + ["minutes"], rows)
+    pairs = sorted(seed for seed, rnd in best if not rnd and (seed, True) in best)
+    if pairs:
+        d = [margin(best[(seed, False)], best[(seed, True)], key, sd, dof) for seed in pairs]
+        lines += ["", "Evolution against random search at equal budget, confirmed best against confirmed best "
+                  "(negative: evolution lower): " + ", ".join(f"seed {seed}: {fmt_margin(*m, key)}"
+                                                              for seed, m in zip(pairs, d)) +
+                  f"; mean {fmt_margin(float(np.mean([m[0] for m in d])), None, None, key)}; "
+                  f"evolution ahead beyond the spread in {sum(called(lo, hi) and m < 0 for m, lo, hi in d)} of "
+                  f"{len(d)}, behind beyond it in {sum(called(lo, hi) and m > 0 for m, lo, hi in d)}."]
+    return lines
 
 
 def top_section(r):
@@ -230,13 +304,16 @@ def draw_figures(r):
                "progress": lambda p: plots.progress(r.evaluations, r.baselines, s["preset"]["steps"], p)}
     if len(r.objectives) > 1:
         figures["front"] = lambda p: plots.front(r.evaluations, r.baselines, r.top, r.objectives[1], s["objective"], p)
+    key = r.objectives[0]
     if len(r.confirmed) > 1:
-        rho = spearman([e["ppl"] for _, e, _ in r.confirmed], [c["ppl"] for _, _, c in r.confirmed])
-        axes = (f"perplexity after {s['preset']['steps']} steps (search, seed {s['seed']})",
-                f"perplexity after {s['confirm_steps']} steps (seed {s['seed'] + 1})")
-        figures["confirmation"] = lambda p: plots.confirmation(r.confirmed, rho, axes, p)
+        points = [(c.label, c.kind, c.search[key], [x[key] for x in c.runs]) for c in r.confirmed]
+        rho = spearman([x for _, _, x, _ in points], [mean(c, key) for c in r.confirmed])
+        axes = (f"{key} after {s['preset']['steps']} steps (search, seed {s['seed']})",
+                f"{key} after {s['confirm_steps']} steps ({s['confirm_seeds']} seed(s) from {s['seed'] + 1})")
+        figures["confirmation"] = lambda p: plots.confirmation(points, rho, axes, p)
     for name, draw in figures.items():
-        draw(os.path.join(r.out, name + ".png"))
+        with star.writing(os.path.join(r.out, name + ".png"), "figure"):
+            draw(os.path.join(r.out, name + ".png"))
     return list(figures)
 
 
@@ -285,22 +362,100 @@ def turnover_note(evaluations, generation):
 # Statistics and markdown
 
 
+def ranks(x):
+    """Ranks from 0; ties share their mean rank."""
+    x = np.asarray(x, dtype=float)
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    for v in np.unique(x):
+        r[x == v] = r[x == v].mean()
+    return r
+
+
 def spearman(a, b):
     """Spearman's rank correlation: Pearson's correlation of the ranks (ties share their mean rank)."""
-    def ranks(x):
-        x = np.asarray(x, dtype=float)
-        r = np.empty(len(x))
-        r[np.argsort(x, kind="stable")] = np.arange(len(x))
-        for v in np.unique(x):
-            r[x == v] = r[x == v].mean()
-        return r
     if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
         return float("nan")
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-def pct(value, base):
-    return f"{100 * (value - base) / base:+.1f}%"
+def rank_correlations(a, b, rounds=20000):
+    """((Spearman's rho, p), (Kendall's tau-b, p)) of a against b. Each p is one-sided (a positive
+    association), by permutation of b: exact up to 8 pairs, else `rounds` random permutations
+    (fixed seed) with the observed order counted in."""
+    n, nan = len(a), (float("nan"), float("nan"))
+    if n < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return nan, nan
+    if n <= 8:
+        perms = np.array(list(itertools.permutations(range(n))))  # the identity first
+    else:
+        perms = np.vstack([np.arange(n), np.random.default_rng(0).permuted(np.tile(np.arange(n), (rounds, 1)), axis=1)])
+    ra, rb = ranks(a) - (n - 1) / 2, ranks(b) - (n - 1) / 2  # centred ranks
+    rho = rb[perms] @ ra / math.sqrt((ra @ ra) * (rb @ rb))  # (permutations,)
+    i, j = np.triu_indices(n, 1)
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    sa, sb = np.sign(a[i] - a[j]), np.sign(b[perms][:, i] - b[perms][:, j])  # (pairs,), (permutations, pairs)
+    tau = sb @ sa / math.sqrt(np.count_nonzero(sa) * np.count_nonzero(sb[0]))  # tau-b: tied pairs leave the norm
+    return tuple((float(x[0]), float(np.mean(x >= x[0] - 1e-12))) for x in (rho, tau))
+
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(dof):
+    """Student's t, 97.5% quantile (two-sided 95%), for dof >= 1 (30's beyond: a little wide)."""
+    return T975[min(dof, 30) - 1]
+
+
+def scale(value, key):
+    """The scale margins are measured on: log perplexity (margins relative), else the value itself."""
+    return math.log(value) if key == "ppl" else value
+
+
+def mean(c, key):
+    """A confirmed model's mean over its seeds, back on the value's own scale."""
+    m = float(np.mean([scale(x[key], key) for x in c.runs]))
+    return math.exp(m) if key == "ppl" else m
+
+
+def spread(rows, key):
+    """(pooled seed-to-seed standard deviation on the margin scale, its degrees of freedom), or
+    (None, 0) when no model was confirmed under two seeds or more."""
+    groups = [np.array([scale(x[key], key) for x in c.runs]) for c in rows if len(c.runs) > 1]
+    dof = sum(len(g) - 1 for g in groups)
+    if not dof:
+        return None, 0
+    return math.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof), dof
+
+
+def margin(a, b, key, sd, dof):
+    """Confirmed model a against b: (difference of means on the margin scale, low, high) of the 95%
+    interval; low and high are None without a measured spread."""
+    d = scale(mean(a, key), key) - scale(mean(b, key), key)
+    if sd is None:
+        return d, None, None
+    h = t975(dof) * sd * math.sqrt(1 / len(a.runs) + 1 / len(b.runs))
+    return d, d - h, d + h
+
+
+def called(low, high):
+    """The verdict rule: a margin counts only when its interval excludes zero."""
+    return low is not None and (low > 0 or high < 0)
+
+
+def fmt_margin(d, low, high, key):
+    f = (lambda x: f"{100 * (math.exp(x) - 1):+.1f}%") if key == "ppl" else (lambda x: f"{100 * x:+.1f} pts")
+    return f(d) + (f" [{f(low)}, {f(high)}]" if low is not None else "")
+
+
+def fmt_mean(c, key):
+    values = [x[key] for x in c.runs]
+    return f"{mean(c, key):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else " (1 seed)")
+
+
+def pct(value, base, key="ppl"):
+    return f"{100 * (value - base) / base:+.1f}%" if key == "ppl" else f"{100 * (value - base):+.1f} pts"
 
 
 def show_or_dash(fmt, entry):

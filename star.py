@@ -76,6 +76,8 @@ LIMITS = {  # every number any command takes: (lowest, highest); a float bound m
     "population": (2, 1 << 16), "generations": (1, 1 << 16), "mutation": (0.0, 1.0), "reps": (1, 1 << 20),
     "prompt_len": (1, 1 << 20), "decode_tokens": (1, 1 << 20), "batch": (1, 1 << 20), "max_len": (2, 1 << 20),
     "peak_tflops": (1e-3, 1e7), "confirm_steps": (0, INT_MAX), "confirm_top": (1, 1 << 10), "genomes": (1, 1 << 16),
+    "confirm_seeds": (1, 1 << 10), "rank_check": (0, 1 << 10), "confirm_n_livs": (1, 1 << 12), "confirm_width": (2, 1 << 16),
+    "lease": (1.0, 1e6),
 }
 
 
@@ -174,14 +176,29 @@ def output_dir(path, what="output directory"):
     return path
 
 
+@contextlib.contextmanager
+def writing(path, what="file"):
+    """Around a write: an OSError (a full device, no permission, a directory in the way) becomes
+    one line naming the file (a ValueError, refused as every bad input is)."""
+    try:
+        yield
+    except OSError as e:
+        raise ValueError(f"cannot write {what} {path}: {(e.strerror or str(e)).lower()}") from None
+
+
 def atomic_write(path, text):
     """Write then rename: a kill at any moment leaves either the old or the new file."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def fail(message):
@@ -774,6 +791,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         fail(message)
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, and an empty value (--out '') is refused, not taken as 'not given'."""
+        parsed = super().parse_args(args, namespace)
+        for key, value in vars(parsed).items():
+            if value == "" or (isinstance(value, list) and "" in value):
+                fail(f"--{key.replace('_', '-')}: empty value (leave the flag out for its default)")
+        return parsed
+
 
 def add_genome_source(p, baseline_note=""):
     """The --genome / --baseline pair every genome-reading command takes (exactly one)."""
@@ -856,11 +881,19 @@ def show_command(args):
             import plots  # matplotlib is optional
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
-        plots.architecture([(gn.summary(g)[:40], g)], plot)
+        with writing(plot, "plot"):
+            plots.architecture([(gn.summary(g)[:40], g)], plot)
         print(f"architecture drawn to {plot}")
 
 
+PROBE_OWN = ("seq_len", "steps", "batch_size", "lr", "warmup", "eval_batches")  # each probes.Task sets these
+
+
 def probe_command(args):
+    given = [f"--{k.replace('_', '-')}" for k in PROBE_OWN if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: each probe task sets its own length and budget (probes.TASKS); "
+                         "probe takes the model's --width, --heads, --n-livs, --chunk and --seed")
     preset, g = checked_genome(args)
     known = probes.tasks_for(preset_name(args.preset))
     tasks = args.tasks.split(",") if args.tasks else list(known)
@@ -878,8 +911,7 @@ def scale_command(args):
     g = genome_from_args(args, args.n_livs)
     g = gn.scale(g, args.n_livs, args.how) if args.genome else g
     if out:
-        with open(out, "w") as f:
-            f.write(gn.to_json(g) + "\n")
+        atomic_write(out, gn.to_json(g) + "\n")
     print(f"{gn.summary(g)}\n{gn.to_compact(g)}" + (f"\nwritten to {out}" if out else ""))
 
 

@@ -2,6 +2,7 @@
 exact formulas, the search against known fronts, and the command lines. Run: python -m pytest -q"""
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -599,11 +600,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, cap
 
 def as_version_2(path):
     """Rewrite a checkpoint in version 2's names: 'batch' for the pending genomes, 'extra' for the
-    noise and confirmation results under 'seed:' and 'confirm:' prefixes."""
+    confirmation results (one seed, the search's + 1, then) under 'confirm:' prefixes; none of the
+    settings that came later."""
     s = json.loads(path.read_text())
-    extra = {**{"seed:" + k: e for k, e in s.pop("noise").items()},
-             **{"confirm:" + k: e for k, e in s.pop("confirmed").items()}}
-    assert extra  # the noise-floor run, at least, so that the conversion is exercised
+    seed = s["settings"]["seed"] + 1
+    extra = {"confirm:" + k.split("/")[2]: {f: v for f, v in e.items() if f != "seed"}
+             for k, e in s.pop("confirmed").items() if k.startswith(f"confirm/{seed}/")}
+    for key in ("confirm_seeds", "rank_check", "random_search", "confirm_n_livs", "confirm_width", "run_id"):
+        s["settings"].pop(key)
     s.update(version=2, batch=s.pop("pending"), extra=extra)
     path.write_text(json.dumps(s))
 
@@ -831,15 +835,18 @@ def bad(tmp_path_factory):
              "float.json": b"[[1, 1, 1, 1, 1.5]]", "big.json": b"[[1, 1, 1, 1, 99999999999999999999]]",
              "bool.json": b"[[1, 1, 1, 1, true]]", "nogenome.json": b'{"rows": [[1, 1, 1, 1, 1]]}',
              "fake.txt.gz": b"not gzip at all" * 100, "odd.bin": b"\x01" * 3001, "empty.txt": b"",
-             "short.txt": b"hello", "file.txt": b"x" * 5000, "bad.pt": b"not a checkpoint"}
+             "short.txt": b"hello", "file.txt": b"x" * 5000, "bad.pt": b"not a checkpoint",
+             "same.bin": b"some text" * 10}
     for name, data in files.items():
         (d / name).write_bytes(data)
     (d / "dir").mkdir()
+    (d / "bindir.bin").mkdir()
     (d / "corrupt").mkdir()
     (d / "corrupt" / "checkpoint.json").write_text("{not json")
     (d / "deep").mkdir()
     (d / "deep" / "checkpoint.json").write_text("[" * 100000)
-    return {name.split(".")[0]: str(d / name) for name in list(files) + ["dir", "corrupt", "deep"]} | {"d": str(d)}
+    return {name.split(".")[0]: str(d / name) for name in list(files) + ["dir", "bindir.bin", "corrupt", "deep"]} | \
+        {"d": str(d)}
 
 
 T = ["train", "--baseline", "transformer++"]
@@ -894,16 +901,76 @@ BAD_INPUTS = [  # (command, arguments); {name} is a file of the `bad` fixture
     ("bench.py", ["ops", "--width", "72", "--heads", "9"]), ("bench.py", ["suite", "--only", "foo"]),
     ("bench.py", ["suite", "--search-steps", "0"]), ("bench.py", ["suite", "--out", "{file}"]),
 ]
-MAINS = {"star.py": star.main, "evolve.py": evolve.main, "bench.py": bench.main}
+P, S, SH, OUT = ["probe", "--baseline", "transformer++"], ["scale", "--genome", "1.1.1.1.1-9.2.1.2.1"], \
+    ["show", "--baseline", "transformer++"], ["--out", "{d}/x.bin"]
+BAD_INPUTS += [  # the surfaces added later (issue 20): probe, scale, show --plot, empty values, evolve's new flags
+    ("star.py", P + ["--tasks", ""]), ("star.py", P + ["--tasks", "foo"]), ("star.py", P + ["--tasks", "recall,"]),
+    ("star.py", P + ["--steps", "5"]), ("star.py", P + ["--seq-len", "32"]), ("star.py", P + ["--batch-size", "4"]),
+    ("star.py", P + ["--lr", "0.1"]), ("star.py", P + ["--warmup", "2"]), ("star.py", P + ["--eval-batches", "2"]),
+    ("star.py", P + ["--width", "63"]), ("star.py", P + ["--heads", "0"]), ("star.py", P + ["--n-livs", "0"]),
+    ("star.py", P + ["--device", "tpu"]), ("star.py", ["probe", "--genome", "{nan}"]),
+    ("star.py", ["probe", "--genome", "99.1.1.1.1"]), ("star.py", ["probe"]), ("star.py", P + ["--preset", "huge"]),
+    ("star.py", P + ["--seed", "-1"]), ("star.py", P + ["--chunk", "0"]), ("star.py", S),
+    ("star.py", S + ["--n-livs", "3"]), ("star.py", S + ["--n-livs", "0"]), ("star.py", S + ["--n-livs", "1"]),
+    ("star.py", S + ["--n-livs", "nan"]), ("star.py", S + ["--n-livs", "4", "--how", "twist"]),
+    ("star.py", S + ["--n-livs", "4", "--out", "{dir}"]), ("star.py", S + ["--n-livs", "4", "--out", ""]),
+    ("star.py", S + ["--n-livs", "4", "--out", "{file}/g.json"]),
+    ("star.py", S + ["--n-livs", "4", "--out", "/proc/nonexistent/g.json"]),
+    ("star.py", ["scale", "--genome", "{inf}", "--n-livs", "4"]),
+    ("star.py", ["scale", "--genome", "{notjson}", "--n-livs", "4"]),
+    ("star.py", ["scale", "--baseline", "gpt5", "--n-livs", "4"]), ("star.py", ["scale", "--genome", "", "--n-livs", "4"]),
+    ("star.py", SH + ["--plot", ""]), ("star.py", SH + ["--plot", "{dir}"]), ("star.py", SH + ["--plot", "{file}/a.png"]),
+    ("star.py", SH + ["--plot", "/proc/nonexistent/a.png"]), ("star.py", SH + ["--plot", "{d}/a.xyz"]),
+    ("star.py", SH + ["--width", "63"]), ("star.py", ["show", "--genome", ""]), ("star.py", T + ["--save", ""]),
+    ("star.py", T + ["--data", ""]), ("star.py", ["sample", "--checkpoint", ""]),
+    ("star.py", ["sample", "--checkpoint", "{bad}", "--prompt", ""]), ("star.py", T + ["--device", ""]),
+    ("star.py", T + ["--preset", ""]), ("star.py", ["compile", "--width", "63"]),
+    ("star.py", ["compile", "--data", "nowhere.txt"]), ("star.py", ["compile", "--device", "tpu"]),
+    ("evolve.py", ["--objective", ""]), ("evolve.py", ["--out", ""]), ("evolve.py", ["--data", ""]),
+    ("evolve.py", ["--resume", ""]), ("evolve.py", ["--device", ""]), ("evolve.py", ["--mutation", ""]),
+    ("evolve.py", ["--vocab-size", ""]), ("evolve.py", ["--confirm-seeds", "0"]),
+    ("evolve.py", ["--confirm-seeds", "-1"]), ("evolve.py", ["--confirm-seeds", "nan"]),
+    ("evolve.py", ["--confirm-seeds", "1.5"]), ("evolve.py", ["--rank-check", "-1"]), ("evolve.py", ["--rank-check", "x"]),
+    ("evolve.py", ["--confirm-n-livs", "3"]), ("evolve.py", ["--confirm-n-livs", "0"]),
+    ("evolve.py", ["--confirm-width", "63"]), ("evolve.py", ["--confirm-width", "1"]),
+    ("evolve.py", ["--confirm-width", "30", "--heads", "4"]), ("evolve.py", ["--confirm-top", "0"]),
+    ("evolve.py", ["--confirm-steps", "-1"]), ("evolve.py", ["--lease", "0"]), ("evolve.py", ["--lease", "inf"]),
+    ("evolve.py", ["--compare"]), ("evolve.py", ["--compare", "{d}/nothing"]), ("evolve.py", ["--compare", "{corrupt}"]),
+    ("evolve.py", ["--compare", "{file}"]), ("evolve.py", ["--compare", "{deep}"]), ("evolve.py", ["--threads", "0"]),
+    ("bench.py", L + ["--trace", ""]), ("bench.py", ["suite", "--out", ""]), ("bench.py", ["candidates", "--genomes", "0"]),
+    ("prepare.py", []), ("prepare.py", ["--files", "nowhere.txt"] + OUT), ("prepare.py", ["--files", "{dir}"] + OUT),
+    ("prepare.py", ["--files", "{empty}"] + OUT), ("prepare.py", ["--files", "{file}", "--out", "{d}/x.txt"]),
+    ("prepare.py", ["--files", "{file}", "--out", ""]), ("prepare.py", ["--files", "{file}", "--out", "{bindir}"]),
+    ("prepare.py", ["--files", "{file}", "--out", "{d}/missing/x.bin"]),
+    ("prepare.py", ["--files", "{file}", "--out", "/proc/x.bin"]),
+    ("prepare.py", ["--files", "{file}", "--dataset", "tinystories"] + OUT),
+    ("prepare.py", ["--files", "{file}", "--tokenizer", "rot13"] + OUT),
+    ("prepare.py", ["--files", "{file}", "--max-tokens", "0"] + OUT),
+    ("prepare.py", ["--files", "{file}", "--max-tokens", "inf"] + OUT),
+    ("prepare.py", ["--files", "{file}", "--max-tokens", "abc"] + OUT),
+    ("prepare.py", ["--files", "{file}", "--max-tokens", ""] + OUT), ("prepare.py", ["--files", "{same}", "--out", "{same}"]),
+    ("prepare.py", ["--files", ""] + OUT), ("prepare.py", ["--dataset", ""] + OUT),
+    ("prepare.py", ["--files", "{file}", "--bogus"] + OUT),
+]
+
+
+def prepare_main(argv):
+    import prepare
+    return prepare.main(argv)
+
+
+MAINS = {"star.py": star.main, "evolve.py": evolve.main, "bench.py": bench.main, "prepare.py": prepare_main}
 
 
 @pytest.mark.parametrize("command,args", BAD_INPUTS, ids=[f"{c} {' '.join(a)}"[:60] for c, a in BAD_INPUTS])
 def test_bad_input_is_one_line_and_exit_1(command, args, bad, capsys):
+    before = sorted(os.listdir(bad["d"]))
     with pytest.raises(SystemExit) as stop:  # any other exception (a traceback) fails the test
         MAINS[command]([a.format(**bad) for a in args])
     err = capsys.readouterr().err
     assert stop.value.code == 1, err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(bad["d"])) == before  # nothing left behind (no partial or empty output)
 
 
 def test_bad_input_in_a_real_process(bad):
@@ -955,6 +1022,35 @@ CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
     (lambda s: s.update(evaluations={}), "evaluations"),
     (lambda s: next(iter(s["confirmed"].values())).update(steps="x"), "steps"),
     (lambda s: next(iter(s["confirmed"].values())).update(steps=0), "steps"),
+    (lambda s: next(iter(s["confirmed"].values())).update(seed=7), "holds the result of another"),
+    (lambda s: next(iter(s["confirmed"].values())).update(seed=None), "seed"),
+    (lambda s: next(iter(s["confirmed"].values())).update(stage="search"), "holds the result of another"),
+    (lambda s: s.update(confirmed=dict(zip(s["confirmed"], reversed(list(s["confirmed"].values()))))),
+     "holds the result of another"),
+    (lambda s: s["settings"].update(confirm_seeds=0), "--confirm-seeds"),
+    (lambda s: s["settings"].update(rank_check=-1), "--rank-check"),
+    (lambda s: s["settings"].pop("rank_check"), "rank_check"),
+    (lambda s: s["settings"].update(random_search="yes"), "random_search"),
+    (lambda s: s["settings"].update(confirm_n_livs=3), "--confirm-n-livs"),
+    (lambda s: s["settings"].update(confirm_width=15), "--confirm-width"),
+    (lambda s: s["settings"].update(device=5), "settings.device"),
+    (lambda s: s["settings"].update(run_id=7), "settings.run_id"),
+    (lambda s: s["settings"].pop("run_id"), "run_id"),
+    (lambda s: s["evaluations"][0].update(genome=[[1, 1, 1, 1, 1]]), "genome, key or summary"),
+    (lambda s: s["evaluations"][0].update(key="1.1.1.1.1"), "genome, key or summary"),
+    (lambda s: s["evaluations"][0].update(summary="SA-1"), "genome, key or summary"),
+    (lambda s: s["evaluations"][0].update(tokens_per_second=-1), "evaluations[0].tokens_per_second"),
+    (lambda s: s["evaluations"][0].update(first_step_seconds="x"), "evaluations[0].first_step_seconds"),
+    (lambda s: s["evaluations"][0].update(latency_ms=-2.0), "evaluations[0].latency_ms"),
+    (lambda s: s["evaluations"][0].update(rank="0"), "evaluations[0].rank"),
+    (lambda s: s["evaluations"][0].update(params_non_embedding=-5), "evaluations[0].params_non_embedding"),
+    (lambda s: s["evaluations"][0].update(status="failed"), "no field 'error'"),
+    (lambda s: s["evaluations"][0].update(probes={"recall": 1.5}, recall_error=-0.5), "evaluations[0].probes.recall"),
+    (lambda s: s["evaluations"][0].update(probes={"telepathy": 0.5}, recall_error=0.5), "probes.telepathy"),
+    (lambda s: s["evaluations"][0].update(probes={"recall": 0.9}, recall_error=0.5), "recall_error"),
+    (lambda s: s["evaluations"][0].update(probes={"recall": 0.9}), "recall_error"),
+    (lambda s: s["evaluations"][0].update(recall_error=0.1), "probes"),
+    (lambda s: next(iter(s["confirmed"].values())).update(genome=[[1, 1, 1, 1, 1]]), "genome, key or summary"),
 ]
 
 
@@ -1052,12 +1148,14 @@ def markdown_tables(text):
     return tables
 
 
-CONFIRMED = ("--confirm-top", "2", "--n-livs", "4")  # 4 LIVs: baselines' summaries hold a '|'
+CONFIRMED = ("--confirm-top", "2", "--confirm-steps", "12", "--confirm-seeds", "2", "--rank-check", "2",
+             "--n-livs", "4")  # 4 LIVs: baselines' summaries hold a '|'
 
 
 @pytest.fixture(scope="module")
 def confirmed_run(tmp_path_factory):
-    """A small finished search with its confirmation stage (12 steps against the search's 3)."""
+    """A small finished search with its confirmation stage (12 steps against the search's 3): the
+    top 2, 2 rank-check candidates and both baselines under 2 seeds."""
     out = tmp_path_factory.mktemp("confirmed")
     evolve.main(search_args(out, *CONFIRMED))
     return out
@@ -1065,17 +1163,22 @@ def confirmed_run(tmp_path_factory):
 
 def test_time_left_counts_confirmation_models_without_their_probes():
     """Hand-worked: 3 of this generation's 4 and one more generation of 4 left at 10 s each, then
-    5 confirmation models at 4x the steps, trained without the 6 s of probing: 7 x 10 + 20 x 4."""
+    6 confirmation models (top 3, 1 rank check, 2 baselines) under 2 seeds at 4x the steps, trained
+    without the 6 s of probing: 7 x 10 + 12 x 4 x 4; at twice the depth and width once more, each
+    costing 2 x 2^2 as much: + 6 x 8 x 4 x 4."""
     from types import SimpleNamespace
     batch = [gn.to_compact(gn.random_genome(4, np.random.default_rng(i))) for i in range(4)]
     entry = lambda c: {"key": evolve.model_key(c), "seconds": 10.0, "measure_seconds": 6.0}
     run = SimpleNamespace(evaluations=[entry(batch[0])], baselines={b: entry(batch[0]) for b in evolve.SEARCH_BASELINES},
                           pending=batch, results={evolve.model_key(batch[0]): {}}, generation=0, confirmed={},
                           settings={"generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3,
-                                    "preset": {"steps": 10}})
+                                    "confirm_seeds": 2, "rank_check": 1, "confirm_n_livs": None, "confirm_width": None,
+                                    "preset": {"steps": 10, "n_livs": 4, "width": 16}})
     assert len(set(map(evolve.model_key, batch))) == 4
-    assert evolve.time_left(run) == pytest.approx(7 * 10 + 20 * 4)
-    assert evolve.time_left(run, world=2) == pytest.approx((7 * 10 + 20 * 4) / 2)
+    assert evolve.time_left(run) == pytest.approx(7 * 10 + 12 * 4 * 4)
+    assert evolve.time_left(run, world=2) == pytest.approx((7 * 10 + 12 * 4 * 4) / 2)
+    run.settings.update(confirm_n_livs=8, confirm_width=32)
+    assert evolve.time_left(run) == pytest.approx(7 * 10 + 12 * 4 * 4 + 6 * 8 * 4 * 4)
 
 
 def test_report_tables_render(confirmed_run):
@@ -1091,14 +1194,23 @@ def test_report_leads_with_the_confirmation(confirmed_run):
     report = (confirmed_run / "report.md").read_text()
     state = json.loads((confirmed_run / "checkpoint.json").read_text())
     confirmed = list(state["confirmed"].values())
-    assert len(confirmed) == 4 and all(e["train_seconds"] > 0 for e in confirmed)  # top 2 + both baselines
+    assert len(confirmed) == 12 and all(e["train_seconds"] > 0 for e in confirmed)  # 6 models x 2 seeds
+    assert {e["seed"] for e in confirmed} == {1, 2} and {e["steps"] for e in confirmed} == {12}
     assert report.index("## Confirmed result") < report.index("## Top 10")
+    head = report.split("## Top 10")[0]
+    means = {}
     for e in confirmed:
-        assert f"{e['ppl']:.3f}" in report.split("## Top 10")[0]
-    assert "Spearman" in report and ("still the best" in report or "no longer the best" in report)
+        means.setdefault(e["key"], []).append(e["ppl"])
+    for key, ppl in means.items():  # each model's mean over its seeds (geometric) and sd
+        assert f"{np.exp(np.mean(np.log(ppl))):.3f} ± {np.std(ppl, ddof=1):.3f}" in head
+    assert head.count("| rank check |") == 2 and head.count("| top |") == 2 and head.count("| baseline |") == 2
+    assert "Spearman" in report and "Kendall" in report and "n = 6" in report
+    assert "still the best" in report or "no longer the best" in report
     best = gn.load(str(confirmed_run / "best_genome.json")).tolist()
-    evolved = [e for e in confirmed if e["compact"] not in {b["compact"] for b in state["baselines"].values()}]
-    assert best == min(evolved, key=lambda e: e["ppl"])["genome"]  # best_genome.json is the confirmed best
+    baselines = {b["key"] for b in state["baselines"].values()}
+    evolved = {k: v for k, v in means.items() if k not in baselines}
+    best_key = min(evolved, key=lambda k: np.mean(np.log(evolved[k])))
+    assert best == next(e["genome"] for e in confirmed if e["key"] == best_key)  # the confirmed best
 
 
 def test_report_has_noise_floor_evolution_line_and_legend(confirmed_run):
@@ -1106,8 +1218,8 @@ def test_report_has_noise_floor_evolution_line_and_legend(confirmed_run):
     evaluations = read_evaluations(confirmed_run)
     best0 = min(e["ppl"] for e in evaluations if e["generation"] == 0 and e["status"] == "ok")
     best = min(e["ppl"] for e in evaluations if e["status"] == "ok")
-    assert f"generation 0 reached ppl {best0:.3f}, the final best {best:.3f}" in report
-    assert "Noise floor" in report and "seed 1" in report
+    assert f"generation 0 reached ppl {best0:.3f}, the best of all" in report and f"included, so never worse) {best:.3f}" in report
+    assert "Noise floor: perplexity varies by" in report and "Rule: a margin is called only when" in report
     assert all(line in report for line in gn.legend())
     readme = open("README.md").read()
     assert all(line in readme for line in gn.legend()), "the README's legend differs from genome.legend()"
@@ -1126,7 +1238,7 @@ def test_confirmation_resumes_after_a_kill_in_the_middle(tmp_path, monkeypatch, 
     calls, original = [0], star.train_candidate
 
     def killed_in_the_confirmation(genome, corpus, preset, *args, **kwargs):
-        if preset.steps == 12:  # the confirmation's budget (4 x 3 steps)
+        if preset.steps == 12:  # the confirmation's budget
             calls[0] += 1
             if calls[0] == 2:
                 raise KeyboardInterrupt
@@ -1142,7 +1254,7 @@ def test_confirmation_resumes_after_a_kill_in_the_middle(tmp_path, monkeypatch, 
     def confirmed(out):
         return {k: e["ppl"] for k, e in json.loads((out / "checkpoint.json").read_text())["confirmed"].items()}
     assert confirmed(tmp_path) == confirmed(confirmed_run)  # as if it had never been killed
-    assert "## Confirmed result: 4 models" in (tmp_path / "report.md").read_text()
+    assert "## Confirmed result: 6 models" in (tmp_path / "report.md").read_text()
 
 
 def test_a_resume_with_other_confirm_steps_retrains_rather_than_reuses(tmp_path, confirmed_run):
@@ -1155,19 +1267,107 @@ def test_a_resume_with_other_confirm_steps_retrains_rather_than_reuses(tmp_path,
     assert {e["steps"] for e in old.values()} == {12} and {e["steps"] for e in new.values()} == {8}
     assert all(new[k]["ppl"] != old[k]["ppl"] for k in old)
     text = (tmp_path / "run" / "report.md").read_text()
-    assert "retrained for 8 steps" in text and all(f"{e['ppl']:.3f}" in text for e in new.values())
+    means = {}
+    for e in new.values():
+        means.setdefault(e["key"], []).append(e["ppl"])
+    assert "retrained for 8 steps" in text and all(f"{np.exp(np.mean(np.log(p))):.3f} ±" in text for p in means.values())
 
 
 def test_a_version_2_confirmation_resumes_at_the_budget_it_was_trained_at(tmp_path, confirmed_run):
     shutil.copytree(confirmed_run, tmp_path / "run")
     path = tmp_path / "run" / "checkpoint.json"
     state = json.loads(path.read_text())
-    before = {k: e.pop("steps") and e["ppl"] for k, e in state["confirmed"].items()}  # version 2 had no steps
+    for e in state["confirmed"].values():
+        e.pop("steps")  # version 2 had no steps
+    before = {k.split("/")[2]: e["ppl"] for k, e in state["confirmed"].items() if k.startswith("confirm/1/")}
     path.write_text(json.dumps(state))
     as_version_2(path)
-    evolve.main(["--resume", str(tmp_path / "run")])  # finished: nothing is retrained
+    evolve.main(["--resume", str(tmp_path / "run")])  # one seed, no rank check then: nothing is retrained
     after = json.loads(path.read_text())["confirmed"]
-    assert {k: e["ppl"] for k, e in after.items()} == before and {e["steps"] for e in after.values()} == {12}
+    assert {k.split("/")[2]: e["ppl"] for k, e in after.items()} == before
+    assert {e["steps"] for e in after.values()} == {12} and {e["seed"] for e in after.values()} == {1}
+
+
+def test_rank_correlations_against_a_reference():
+    """Values from scipy 1.17.1 (spearmanr, kendalltau: tau-b), ties included; the one-sided
+    permutation p-values against a brute-force count over every ordering with naive formulas."""
+    x, y = [12, 2, 1, 12, 2], [1, 4, 7, 1, 0]
+    a, b = [3.1, 2.0, 2.0, 5.5, 4.2, 6.0], [10.0, 9.1, 8.7, 12.0, 12.0, 11.5]
+    for (u, v), rho, tau in (((x, y), -0.5407380704358752, -0.4714045207910316),
+                             ((a, b), 0.7941176470588236, 0.6428571428571429)):
+        (r, p_r), (t, p_t) = report.rank_correlations(u, v)
+        assert r == pytest.approx(rho) and t == pytest.approx(tau)
+        assert report.spearman(u, v) == pytest.approx(rho)
+
+        def naive_tau(u, w):
+            pairs = list(itertools.combinations(range(len(u)), 2))
+            s = sum(np.sign(u[i] - u[j]) * np.sign(w[i] - w[j]) for i, j in pairs)
+            return s / np.sqrt(sum(u[i] != u[j] for i, j in pairs) * sum(w[i] != w[j] for i, j in pairs))
+        orders = list(itertools.permutations(v))
+        assert naive_tau(u, v) == pytest.approx(tau)
+        assert p_t == pytest.approx(np.mean([naive_tau(u, w) >= tau - 1e-12 for w in orders]))
+        assert p_r == pytest.approx(np.mean([report.spearman(u, w) >= rho - 1e-12 for w in orders]))
+    (r, p_r), (t, p_t) = report.rank_correlations(list(range(12)), list(range(12)))  # sampled permutations
+    assert r == t == 1.0 and p_r == p_t < 1e-3
+
+
+def confirmed(label, kind, values, key="ppl", search=None):
+    """A constructed report.Confirmed row: its results under len(values) seeds."""
+    e = {"key": label, "summary": label, "genome": [[1]], key: search or values[0], "status": "ok"}
+    return report.Confirmed(label, kind, e, [{key: v, "seed": i + 1} for i, v in enumerate(values)])
+
+
+def test_the_verdict_calls_only_margins_that_clear_the_spread():
+    """Seed spread of ~1% (pooled from every model); a candidate 0.6% ahead of one baseline is level
+    with it, 6% ahead of the other is ahead: the rule is the 95% interval excluding zero."""
+    rows = [confirmed("#1", "top", [9.40, 9.50, 9.45]), confirmed("#2", "top", [9.9, 10.0, 10.1]),
+            confirmed("transformer++", "baseline", [9.45, 9.55, 9.55]),
+            confirmed("striped-mamba", "baseline", [10.0, 10.1, 10.0])]
+    sd, dof = report.spread(rows, "ppl")
+    assert dof == 8 and 0.004 < sd < 0.012
+    d, lo, hi = report.margin(rows[0], rows[2], "ppl", sd, dof)
+    assert d < 0 and lo < 0 < hi and not report.called(lo, hi)  # ahead, but inside the spread
+    d, lo, hi = report.margin(rows[0], rows[3], "ppl", sd, dof)
+    assert hi < 0 and report.called(lo, hi)
+    r = report.Results(out="", settings={"confirm_steps": 240}, objectives=("ppl",), evaluations=[], baselines={},
+                       top=[], confirmed=rows, elapsed=0)
+    text = report.verdict(r, sd, dof)
+    assert "level with transformer++" in text and "inside the spread" in text and "ahead of striped-mamba" in text
+    one_seed = [report.Confirmed(c.label, c.kind, c.search, c.runs[:1]) for c in rows]
+    assert report.spread(one_seed, "ppl") == (None, 0)
+    assert "ahead of" not in report.verdict(dataclasses.replace(r, confirmed=one_seed), None, 0)
+
+
+def test_the_recall_objective_picks_its_confirmed_best_by_recall():
+    """Under --objective recall the confirmed best is the lowest mean recall error, not perplexity."""
+    rows = [confirmed("#1", "top", [0.30, 0.34], key="recall_error"), confirmed("#2", "top", [0.10, 0.12], "recall_error")]
+    rows[0].search.update(ppl=5.0)
+    rows[1].search.update(ppl=9.0)
+    r = report.Results(out="", settings={"confirm_steps": 240}, objectives=("recall_error",),
+                       evaluations=[rows[0].search, rows[1].search], baselines={}, top=[], confirmed=rows, elapsed=0)
+    search_best, confirmed_best = report.best_genomes(r)
+    assert search_best is rows[1].search and confirmed_best is rows[1].search
+
+
+def test_random_search_draws_no_child_by_crossover_or_mutation(tmp_path, monkeypatch, confirmed_run):
+    """The control: every genome of every generation is a fresh random draw, through the same
+    training and confirmation (here also at twice the depth); --compare sets it beside a search."""
+    def refused(*args, **kwargs):
+        raise AssertionError("a random search used a variation operator")
+    monkeypatch.setattr(gn, "crossover", refused)
+    monkeypatch.setattr(gn, "mutate", refused)
+    evolve.main(search_args(tmp_path, *CONFIRMED[:-2], "--n-livs", "2", "--random-search", "--confirm-n-livs", "4"))
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    rng = np.random.default_rng(0)
+    drawn = [gn.to_compact(gn.random_genome(2, rng)) for _ in range(8)]  # 2 generations of 4
+    assert [e["compact"] for e in state["evaluations"]] == [c for i, c in enumerate(drawn)
+                                                              if evolve.model_key(c) not in map(evolve.model_key, drawn[:i])]
+    large = [e for e in state["confirmed"].values() if e["stage"] == "large"]
+    assert len(large) == 6 and {len(e["genome"]) for e in large} == {4}
+    text = (tmp_path / "report.md").read_text()
+    assert "random-search control" in text and "ppl, 4 LIVs x 16" in text
+    out = run_cli("evolve.py", "--compare", str(confirmed_run), str(tmp_path)).stdout
+    assert "| evolution | 0 |" in out and "| random | 0 |" in out and "Evolution against random search" in out
 
 
 def test_confirmation_can_be_skipped(tmp_path):
@@ -1301,7 +1501,7 @@ def test_help_shows_true_defaults():
 
 DIST = ["--population", "4", "--generations", "2", "--steps", "10", "--n-livs", "2", "--width", "16", "--heads", "2",
         "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--warmup", "1", "--threads", "1",
-        "--confirm-top", "2"]
+        "--confirm-top", "2", "--confirm-steps", "40"]
 
 
 def torchrun_command(*args, restarts=0):
@@ -1314,14 +1514,13 @@ def outcome(out):
     stage, and its final population."""
     s = json.loads((out / "checkpoint.json").read_text())
     return {"candidates": {(e["generation"], e["compact"]): e["ppl"] for e in s["evaluations"]},
-            "noise": {k: e["ppl"] for k, e in s["noise"].items()},
             "confirmed": {k: e["ppl"] for k, e in s["confirmed"].items()},
             "baselines": {k: e["ppl"] for k, e in s["baselines"].items()}, "population": s["population"]}
 
 
 def assert_same_outcome(a, b):
     assert a["population"] == b["population"]
-    for part in ("candidates", "noise", "confirmed", "baselines"):
+    for part in ("candidates", "confirmed", "baselines"):
         assert a[part].keys() == b[part].keys(), part
         for k in a[part]:
             assert a[part][k] == pytest.approx(b[part][k], rel=1e-6), (part, k)
@@ -1380,6 +1579,82 @@ def test_a_killed_worker_restarts_the_group_which_redoes_nothing_finished(tmp_pa
     resumed = re.search(r"resuming \S+ at generation \d+ \((\d+) candidates already trained\)", output)
     assert resumed and int(resumed.group(1)) >= seen  # every result recorded before the kill was kept
     assert_same_outcome(outcome(tmp_path), one_process)  # and it ends as an uninterrupted run
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_stopped_worker_loses_its_task_to_another_rank(tmp_path, one_process):
+    """Rank 1 stopped (SIGSTOP) while it trains: its beat stands still, after the 2 s lease rank 0
+    trains that task itself, and the run ends as a one-process run without restarting the group."""
+    import signal
+    import time
+    proc = subprocess.Popen(torchrun_command(*DIST, "--lease", "2", "--out", str(tmp_path)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, pid = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None and pid is None:
+        worker = pid_of_rank(1, tmp_path)
+        if worker and (tmp_path / "evaluations.jsonl").exists():
+            before = cpu_seconds(worker)
+            time.sleep(0.3)
+            if cpu_seconds(worker) - before > 0.15:  # busy: in the middle of a candidate
+                os.kill(worker, signal.SIGSTOP)
+                pid = worker
+    assert pid, "the search ended before the worker could be stopped mid-candidate"
+    while time.time() < deadline and pid_of_rank(0, tmp_path):  # rank 0 finishes the run alone
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGCONT)  # let the stopped worker see the end and exit
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "handed out again" in output and "restarted" not in output
+    assert_same_outcome(outcome(tmp_path), one_process)
+
+
+def test_a_restarted_group_never_resumes_a_run_it_did_not_start(tmp_path, finished_run):
+    """Attempt 0 refuses an --out holding another run; torchrun restarts the group (--max-restarts
+    1), and attempt 1 refuses too, instead of resuming that run: exit 1, the directory untouched."""
+    other = tmp_path / "other"
+    shutil.copytree(finished_run, other)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in other.iterdir()}
+    proc = subprocess.run(torchrun_command(*DIST, "--objective", "quality-size", "--out", str(other), restarts=1),
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert "already holds a run" in output and "started no run" in output
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in other.iterdir()} == before
+
+
+def test_a_transient_failure_is_retried_once_and_a_resume_retries_a_second_one(tmp_path, monkeypatch, capsys):
+    """A simulated out-of-memory error in one candidate is retried at once and recorded ok; one that
+    fails twice is recorded failed but transient, and the resume of the killed run trains it again."""
+    rng, original = np.random.default_rng(0), star.build_model
+    drawn = [evolve.model_key(gn.to_compact(gn.random_genome(2, rng))) for _ in range(6)]  # the run's generation 0
+    distinct = list(dict.fromkeys(drawn))
+    failures = {distinct[0]: 1, distinct[3]: 2}  # candidate 1 fails once, candidate 4 twice
+
+    def failing(genome, *args, **kwargs):
+        key = evolve.model_key(gn.to_compact(genome))
+        if failures.get(key):
+            failures[key] -= 1
+            raise torch.OutOfMemoryError("simulated")
+        if key == distinct[4]:
+            raise KeyboardInterrupt  # killed while candidate 5 trains
+        return original(genome, *args, **kwargs)
+
+    monkeypatch.setattr(star, "build_model", failing)
+    with pytest.raises(SystemExit):
+        evolve.main(search_args(tmp_path, "--population", "6", "--generations", "1", "--confirm-steps", "0"))
+    first = read_evaluations(tmp_path)
+    assert [e["status"] for e in first] == ["ok", "ok", "ok", "failed"]
+    assert first[0]["retried"] and first[3]["transient"] and "out of memory" in first[3]["error"]
+    assert "retrying once" in capsys.readouterr().out
+    monkeypatch.setattr(star, "build_model", original)
+    evolve.main(["--resume", str(tmp_path)])
+    again = read_evaluations(tmp_path)[4:]
+    assert first[3]["compact"] in [e["compact"] for e in again]  # trained again, now ok
+    assert all(e["status"] == "ok" for e in again)
 
 
 def test_resume_across_world_sizes(tmp_path, one_process):

@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 
 import torch
 
@@ -20,28 +21,39 @@ import star
 
 class Evaluator:
     """Trains one genome at one stage of the run and scores it. Stages: 'search' (the search's
-    budget), 'seed' (the same budget under the second seed: the noise floor) and 'confirm' (the
-    confirmation's longer budget, second seed). Latency is measured at the search stage if asked."""
+    budget and seed), 'confirm' (the confirmation's longer budget under a given seed) and 'large'
+    (the confirmation's budget at --confirm-n-livs/--confirm-width; evolve.py hands it the genome
+    already scaled). Latency is measured at the search stage if asked; the probes run at the search
+    stage if asked, and at the confirmation too when they are the objective ('recall')."""
 
     def __init__(self, settings, device, log=None):
         self.preset = star.Preset(**settings["preset"])
-        other_seed = dataclasses.replace(self.preset, seed=self.preset.seed + 1)
         steps = settings["confirm_steps"] or self.preset.steps
-        self.presets = {"search": self.preset, "seed": other_seed, "confirm": dataclasses.replace(
-            other_seed, steps=steps, warmup=round(self.preset.warmup * steps / self.preset.steps))}
+        confirm = dataclasses.replace(self.preset, steps=steps, warmup=round(self.preset.warmup * steps / self.preset.steps))
+        large = dataclasses.replace(confirm, n_livs=settings.get("confirm_n_livs") or self.preset.n_livs,
+                                    width=settings.get("confirm_width") or self.preset.width)
+        self.presets = {"search": self.preset, "confirm": confirm, "large": large}
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
         self.device, self.log = device, log
         if self.preset.compile:  # every block variant now, so that no candidate compiles one
             star.warm_up(self.preset, self.corpus, device, log)
         self.latency = settings["objective"] == "quality-latency"
-        self.probing, self.probes = settings["probes"], probes.tasks_for(settings["preset_name"])
+        self.probe_stages = {stage for stage, wanted in (("search", settings["probes"]),
+                                                         ("confirm", settings["objective"] == "recall")) if wanted}
+        self.probes = probes.tasks_for(settings["preset_name"])
 
-    def __call__(self, compact, stage="search"):
+    def __call__(self, compact, stage="search", seed=None):
         start, genome = time.time(), gn.from_compact(compact)
-        result = star.train_candidate(genome, self.corpus, self.presets[stage], self.device, self.log)
+        preset = dataclasses.replace(self.presets[stage], seed=self.preset.seed if seed is None else seed)
+        result = star.train_candidate(genome, self.corpus, preset, self.device, self.log)
+        if transient(result):  # ours: out of memory or a device error may pass; retried once
+            if self.log:
+                self.log(f"  {result['error']}: retrying once")
+            result = {**star.train_candidate(genome, self.corpus, preset, self.device, self.log), "retried": True}
+            result["transient"] = transient(result)  # failed twice so: a resume tries it again
         measured = time.time()
-        if self.probing and stage == "search" and result["status"] == "ok":
-            scores = star.probe(genome, self.preset, self.device, self.probes.values(), self.log)
+        if stage in self.probe_stages and result["status"] == "ok":
+            scores = star.probe(genome, preset, self.device, self.probes.values(), self.log)
             result.update(probes=scores.get("accuracy"), recall_error=1 - scores["mean"] if "mean" in scores else None,
                           **({"status": "failed", "error": scores["error"]} if scores["status"] != "ok" else {}))
         if self.latency and stage == "search" and result["status"] == "ok":
@@ -53,8 +65,14 @@ class Evaluator:
         return {**result, "seconds": round(time.time() - start, 2), "measure_seconds": round(time.time() - measured, 2)}
 
 
+def transient(result):
+    """A failure that another attempt may not meet: out of memory, a CUDA or NCCL error."""
+    error = result.get("error") or ""
+    return result["status"] == "failed" and (error.startswith("out of memory") or "CUDA" in error or "NCCL" in error)
+
+
 class Workers:
-    """Trains tasks, (compact genome, stage) pairs, in this process one after the other."""
+    """Trains tasks, (compact genome, stage, seed) triples, in this process one after the other."""
     rank, world = 0, 1
 
     def __init__(self, evaluate):
@@ -76,16 +94,22 @@ class StoreWorkers(Workers):
     Through torchrun's key-value store: rank 0 publishes a job (its tasks) as 'job/<n>'; every
     process, rank 0's worker thread included, takes the next untrained task with an atomic counter
     (store.add), so a process that becomes free never waits for a slow one, and posts the result
-    as 'job/<n>/<i>'; rank 0's main thread records each result as it arrives."""
+    as 'job/<n>/<i>'; rank 0's main thread records each result as it arrives.
 
-    def __init__(self, evaluate, store, rank, world):
+    Leases (ours): while a process trains a task, a thread beats its counter 'job/<n>/<i>/beat'.
+    A task whose beat stands still for `lease` seconds (a hung or stopped process) is handed out
+    again as a retry ticket, which any free process takes, without restarting the group; the first
+    result posted wins (the same training gives the same result). Processes stay in a job until
+    rank 0 marks it done, since a retry may still come."""
+
+    def __init__(self, evaluate, store, rank, world, lease=120.0):
         super().__init__(evaluate)
-        self.store, self.rank, self.world, self.jobs, self.failure = store, rank, world, 0, None
+        self.store, self.rank, self.world, self.jobs, self.failure, self.lease = store, rank, world, 0, None, lease
 
     def map(self, tasks):
         if not tasks:
             return
-        job, pending = f"job/{self.jobs}", set(range(len(tasks)))
+        job, pending, seen = f"job/{self.jobs}", set(range(len(tasks))), {}
         self.jobs += 1
         self.store.set(job, json.dumps(tasks))
         threading.Thread(target=self.work, args=(job, tasks, True), daemon=True).start()
@@ -97,31 +121,98 @@ class StoreWorkers(Workers):
                 pending.remove(i)
                 posted = json.loads(self.store.get(f"{job}/{i}"))
                 yield i, posted["result"], posted["rank"]
+            self.reissue_expired(job, pending, seen)
             time.sleep(0 if ready else 0.05)
+        self.store.set(f"{job}/done", "1")
+
+    def reissue_expired(self, job, pending, seen):
+        """Hand out again every taken task whose beat has not moved for a lease."""
+        taken, now = self.store.add(f"{job}/next", 0), time.monotonic()
+        for i in sorted(pending):
+            if i >= taken:
+                continue
+            beat = self.store.add(f"{job}/{i}/beat", 0)
+            if seen.get(i, (None,))[0] != beat:
+                seen[i] = (beat, now)
+            elif now - seen[i][1] > self.lease:
+                self.store.set(f"{job}/retry/{self.store.add(f'{job}/retry/issued', 0)}", str(i))
+                self.store.add(f"{job}/retry/issued", 1)
+                seen[i] = (beat, now)
+                print(f"task {i} of {job}: no beat for {self.lease:.0f} s, handed out again", flush=True)
 
     def work(self, job, tasks, keep_failure=False):
-        """Take the job's tasks one at a time until none is left (every rank runs this)."""
+        """Take the job's tasks, then its retry tickets, until rank 0 marks it done (every rank runs this)."""
         try:
-            while (i := self.store.add(f"{job}/next", 1) - 1) < len(tasks):
-                result = self.evaluate(*tasks[i])
+            while (i := self.next_task(job, len(tasks))) is not None:
+                if self.store.check([f"{job}/{i}"]):
+                    continue  # a retry of a task that its first process finished after all
+                beating = threading.Event()
+                threading.Thread(target=self.beat, args=(f"{job}/{i}/beat", beating), daemon=True).start()
+                try:
+                    result = self.evaluate(*tasks[i])
+                finally:
+                    beating.set()
                 self.store.set(f"{job}/{i}", json.dumps({"result": result, "rank": self.rank}))
         except BaseException as e:  # noqa: BLE001 -- rank 0's thread hands its failure to the main thread
             if not keep_failure:
                 raise
             self.failure = e
 
+    def next_task(self, job, n):
+        """The next untaken task, or else the next retry ticket once rank 0 issues it; None when done."""
+        i = self.store.add(f"{job}/next", 1) - 1
+        if i < n:
+            return i
+        ticket = self.store.add(f"{job}/retry/taken", 1) - 1
+        while not self.store.check([f"{job}/done"]):
+            if self.store.add(f"{job}/retry/issued", 0) > ticket:
+                return int(self.store.get(f"{job}/retry/{ticket}"))
+            time.sleep(0.1)
+        return None
+
+    def beat(self, key, stop):
+        self.store.add(key, 1)
+        while not stop.wait(self.lease / 4):
+            self.store.add(key, 1)
+
     def close(self):
         self.store.set(f"job/{self.jobs}", "null")  # the other ranks stop
 
 
 def distributed():
-    """(store, rank, world size) under torchrun, through its env:// rendezvous; else (None, 0, 1).
-    The store outlives a restart of the group: keys are namespaced by torchrun's restart count."""
+    """(store, shared, rank, world size) under torchrun, through its env:// rendezvous; else
+    (None, None, 0, 1). `shared` outlives restarts of the group (the run id lives there); `store` is
+    this group's own namespace (group_name), so that no key of a job repeats across restarts."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, 0, 1
+        return None, None, 0, 1
     import torch.distributed as dist
     store, rank, world = next(dist.rendezvous("env://"))
-    return dist.PrefixStore(f"star/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world
+    name = group_name(store, rank, world)
+    return dist.PrefixStore(f"star/{name}", store), dist.PrefixStore("star/shared", store), rank, world
+
+
+def group_name(store, rank, world):
+    """A name no earlier group used (ours). torchrun's store outlives a restart, and an elastic
+    membership change restarts the group without counting a restart, so neither the restart count
+    nor fixed keys are safe. Rank 0 draws a fresh name and beats a counter under it until every
+    other rank has joined; a rank that reads a name whose counter stands still (a dead group's)
+    reads again."""
+    if rank == 0:
+        name = uuid.uuid4().hex
+        store.set("star/group", name)
+        while store.add(f"star/{name}/joined", 0) < world - 1:
+            store.add(f"star/{name}/alive", 1)
+            time.sleep(0.05)
+        return name
+    while True:
+        while not store.check(["star/group"]):
+            time.sleep(0.05)
+        name = store.get("star/group").decode()
+        beat = store.add(f"star/{name}/alive", 0)
+        time.sleep(0.5)
+        if store.add(f"star/{name}/alive", 0) != beat:
+            store.add(f"star/{name}/joined", 1)
+            return name
 
 
 def wait_get(store, key):
@@ -144,7 +235,7 @@ def serve(store, rank, world):
     torch.set_num_threads(settings["threads"])
     device = rank_device(settings["device"])
     log(f"worker pid {os.getpid()} on {device}, {settings['threads']} thread(s)")
-    workers = StoreWorkers(Evaluator(settings, device, log), store, rank, world)
+    workers = StoreWorkers(Evaluator(settings, device, log), store, rank, world, settings["lease"])
     for n in itertools.count():
         tasks = wait_get(store, f"job/{n}")
         if tasks is None:

@@ -25,8 +25,23 @@ GPU_PRESET_TOKENS = 2000 * 32 * 1024  # steps x batch x sequence of one candidat
 
 
 def fail(message):
+    """One line on stderr, exit code 1: as every command of star.py (this script does not import it)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 1, and empty values refused."""
+
+    def error(self, message):
+        fail(message)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for key, value in vars(parsed).items():
+            if value == "" or (isinstance(value, list) and "" in value):
+                fail(f"--{key.replace('_', '-')}: empty value")
+        return parsed
 
 
 def tokenizer(name):
@@ -48,8 +63,12 @@ def documents(args):
     """The texts to tokenize: each local file, or each record of a streamed dataset."""
     if args.files:
         for path in args.files:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except OSError as e:
+                fail(f"cannot read text file {path}: {(e.strerror or str(e)).lower()}")
+            yield text
         return
     try:
         import datasets
@@ -69,7 +88,7 @@ def count(text):
     scale = {"k": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
     try:
         value = int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 500M") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
@@ -78,8 +97,21 @@ def count(text):
 
 def prepare(texts, encode, separator, out, max_tokens=None, log=sys.stderr):
     """Write the tokens of texts to out (written to out.partial, renamed when complete); returns the count."""
+    try:
+        written = write_tokens(texts, encode, separator, out + ".partial", max_tokens, log)
+        os.replace(out + ".partial", out)
+    except OSError as e:
+        fail(f"cannot write {out}: {(e.strerror or str(e)).lower()}")
+    finally:  # a failed or interrupted run leaves no partial file behind
+        if os.path.exists(out + ".partial"):
+            os.remove(out + ".partial")
+    print(file=log)
+    return written
+
+
+def write_tokens(texts, encode, separator, path, max_tokens, log):
     written, last, start = 0, 0.0, time.time()
-    with open(out + ".partial", "wb") as f:
+    with open(path, "wb") as f:
         for text in texts:
             ids = encode(text) + [separator]
             if max_tokens is not None:
@@ -93,13 +125,11 @@ def prepare(texts, encode, separator, out, max_tokens=None, log=sys.stderr):
                       end="", file=log, flush=True)
             if written == max_tokens:
                 break
-    os.replace(out + ".partial", out)
-    print(file=log)
     return written
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--files", nargs="+", help="local UTF-8 text files, one document each")
     source.add_argument("--dataset", help=f"a Hugging Face dataset: {', '.join(DATASETS)} or a hub path")
@@ -112,7 +142,13 @@ def main(argv=None):
         fail(f"--out {args.out}: the token file must end in .bin (that is how star.py reads it)")
     for path in args.files or []:
         if not os.path.isfile(path):
-            fail(f"text file not found: {path}")
+            fail(f"text file not found: {path}" if not os.path.exists(path) else f"{path} is not a regular file")
+        if os.path.exists(args.out) and os.path.samefile(path, args.out):
+            fail(f"--files {path} is also --out: it would be overwritten while read")
+        if os.path.getsize(path) == 0:
+            fail(f"text file {path} is empty")
+    if os.path.isdir(args.out):
+        fail(f"--out {args.out} is a directory")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         fail(f"--out {args.out}: its directory does not exist")
     encode, vocab, separator = tokenizer(args.tokenizer)
