@@ -12,6 +12,7 @@ of the best at a longer budget; then the run's state (checkpointed after every t
 the command line. Who trains (one process or a torchrun group) is workers.py; what is written for
 people (report.md, figures) is report.py.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -769,12 +770,10 @@ def main(argv=None):
         star.atomic_write(os.path.join(run.out, "evaluations.jsonl"), "".join(json.dumps(e) + "\n" for e in run.evaluations))
         run.save()
         search(run, pool, log)
-    except KeyboardInterrupt:  # everything finished is in the checkpoint already
-        report.write_outputs(results(run))
-        star.fail(f"interrupted: continue with python evolve.py --resume {run.out}")
-    except NothingTrained as e:
-        report.write_outputs(results(run))
-        star.fail(e)
+    except (KeyboardInterrupt, NothingTrained) as e:  # everything finished is in the checkpoint already
+        with contextlib.suppress(ValueError):  # a report that cannot be written is not the news here
+            report.write_outputs(results(run))
+        star.fail(e if isinstance(e, NothingTrained) else f"interrupted: continue with python evolve.py --resume {run.out}")
     except ValueError as e:  # a write failed (a full device, ...): what was saved before it resumes
         star.fail(f"{e}; continue with python evolve.py --resume {run.out} once it can be written")
     finally:

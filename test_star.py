@@ -1084,6 +1084,29 @@ def test_save_failure_is_reported_and_exits_1(tmp_path, monkeypatch, capsys):
     assert "No space left" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_full_device_mid_search_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """The 8th write of a checkpoint meets a full device: one line naming the file, exit 1, and what
+    was saved before resumes to the end once the device has room."""
+    import errno
+    calls, original = [0], os.fsync
+
+    def full_after_seven(fd):
+        calls[0] += 1
+        if calls[0] >= 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(fd)
+
+    monkeypatch.setattr(os, "fsync", full_after_seven)
+    with pytest.raises(SystemExit) as stop:
+        evolve.main(search_args(tmp_path, "--confirm-steps", "0"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "cannot write" in err and "no space left on device" in err and "--resume" in err
+    monkeypatch.setattr(os, "fsync", original)
+    evolve.main(["--resume", str(tmp_path)])
+    assert "Top 10" in (tmp_path / "report.md").read_text()
+
+
 def test_search_where_everything_failed_exits_1_with_the_first_error(tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated: no model builds")
@@ -1501,7 +1524,7 @@ def test_help_shows_true_defaults():
 
 DIST = ["--population", "4", "--generations", "2", "--steps", "10", "--n-livs", "2", "--width", "16", "--heads", "2",
         "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--warmup", "1", "--threads", "1",
-        "--confirm-top", "2", "--confirm-steps", "40"]
+        "--confirm-top", "2", "--confirm-steps", "20", "--confirm-seeds", "1", "--rank-check", "1"]  # a light confirmation
 
 
 def torchrun_command(*args, restarts=0):
@@ -1659,7 +1682,7 @@ def test_a_transient_failure_is_retried_once_and_a_resume_retries_a_second_one(t
 
 def test_resume_across_world_sizes(tmp_path, one_process):
     first_part = [*DIST, "--generations", "1", "--confirm-steps", "0"]
-    rest = ["--generations", "2", "--confirm-steps", "40"]
+    rest = ["--generations", "2", "--confirm-steps", "20"]
     up, down = tmp_path / "one-then-two", tmp_path / "two-then-one"
     evolve_here(*first_part, "--out", str(up))
     proc = subprocess.run(torchrun_command("--resume", str(up), *rest), capture_output=True, text=True, timeout=300)
