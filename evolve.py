@@ -12,6 +12,7 @@ of the best at a longer budget; then the run's state (checkpointed after every t
 the command line. Who trains (one process or a torchrun group) is workers.py; what is written for
 people (report.md, figures) is report.py.
 """
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -44,7 +45,7 @@ DEFAULTS = {  # per preset; the tiny confirmation (2 seeds of 6 models at 2x) ke
 SEARCH_BASELINES = ("transformer++", "striped-mamba")  # of genome.BASELINES: trained and compared by every run
 SINGLE_OBJECTIVE_ELITES = 2  # paper: 2 survivors carried over in single-objective runs
 FAILED = 1e30  # the objective value of a failed candidate: worse than anything real
-VERSION = 4  # of checkpoint.json (versions 2 and 3 are read too: Run.load)
+VERSION = 5  # of checkpoint.json (versions 2 to 4 are read too: Run.load)
 
 # ---------------------------------------------------------------------------------------------
 # NSGA-II (Deb et al. 2002)
@@ -54,8 +55,13 @@ def dominates(a, b):
     return bool(np.all(a <= b) and np.any(a < b))
 
 
-def non_dominated_sort(F):
-    """Fronts of the objective matrix F (n, m), best first, as lists of row indices."""
+def non_dominated_sort(F, level=None):
+    """Fronts of the objective matrix F (n, m), best first, as lists of row indices. With `level`
+    (n,), the rung each row's values come from (ours: successive halving), every row of a higher
+    rung ranks ahead of every row of a lower one: the fronts of the highest rung, then the next."""
+    if level is not None:
+        return [[int(rows[i]) for i in front] for r in sorted(set(level.tolist()), reverse=True)
+                for rows in [np.flatnonzero(level == r)] for front in non_dominated_sort(F[rows])]
     n = len(F)
     dominated_by = [[] for _ in range(n)]  # i -> the rows that i dominates
     count = np.zeros(n, dtype=int)  # how many rows dominate i
@@ -95,9 +101,9 @@ def crowding_distance(F):
     return distance
 
 
-def rank_and_crowding(F):
+def rank_and_crowding(F, level=None):
     rank, crowd = np.zeros(len(F), dtype=int), np.zeros(len(F))
-    for r, front in enumerate(non_dominated_sort(F)):
+    for r, front in enumerate(non_dominated_sort(F, level)):
         rank[front] = r
         crowd[front] = crowding_distance(F[front])
     return rank, crowd
@@ -111,9 +117,15 @@ def tournament(rank, crowd, rng):
     return a if crowd[a] >= crowd[b] else b
 
 
-def make_children(population, F, n, rng, crossover, mutate):
+def best_first(F, level=None):
+    """Row indices by (rank, larger crowding distance): the order tournaments and survival prefer."""
+    rank, crowd = rank_and_crowding(F, level)
+    return sorted(range(len(F)), key=lambda i: (rank[i], -crowd[i]))
+
+
+def make_children(population, F, n, rng, crossover, mutate, level=None):
     """n children by tournament selection, 2-point crossover and per-gene mutation."""
-    rank, crowd = rank_and_crowding(F)
+    rank, crowd = rank_and_crowding(F, level)
     children = []
     while len(children) < n:
         a, b = tournament(rank, crowd, rng), tournament(rank, crowd, rng)
@@ -121,8 +133,9 @@ def make_children(population, F, n, rng, crossover, mutate):
     return children[:n]
 
 
-def survivors(F_parents, F_children, n):
-    """Indices into parents + children of the next population of size n (elitist).
+def survivors(F_parents, F_children, n, level=None):
+    """Indices into parents + children of the next population of size n (elitist); `level`, of
+    the union, as in non_dominated_sort.
 
     Several objectives: NSGA-II's survival by (rank, crowding) over the union.
     One objective (paper): the 2 best of the union survive, the rest of the places go to the
@@ -131,13 +144,13 @@ def survivors(F_parents, F_children, n):
     F = np.concatenate([F_parents, F_children])
     n_parents = len(F_parents)
     if F.shape[1] == 1:
-        order = [int(i) for i in np.argsort(F[:, 0], kind="stable")]
+        order = [int(i) for i in np.lexsort((F[:, 0], -(np.zeros(len(F)) if level is None else level)))]
         elite = order[:SINGLE_OBJECTIVE_ELITES]
         rest = [i for i in order if i not in elite]
         rest = [i for i in rest if i >= n_parents] + [i for i in rest if i < n_parents]
         return (elite + rest)[:n]
     chosen = []
-    for front in non_dominated_sort(F):
+    for front in non_dominated_sort(F, level):
         if len(chosen) + len(front) <= n:
             chosen += front
         else:
@@ -163,8 +176,10 @@ def search(run, pool, log=print):
         run.pending = [gn.to_compact(gn.random_genome(s["preset"]["n_livs"], run.rng)) for _ in range(s["population"])]
         run.save()
     while True:
-        if run.pending:  # a generation to finish (on resume: part of it may be done)
+        if run.pending:  # a generation to finish (on resume: part of it may be done, at any rung)
             evaluate_pending(run, pool, log)
+            for rung in range(1, len(s["rungs"])):
+                train_at_rung(run, pool, log, rung, promoted(run, rung))
             check_something_trained(run)
             run.population, run.pending = next_population(run), []
             run.save()
@@ -176,7 +191,7 @@ def search(run, pool, log=print):
         else:
             children = make_children([gn.from_compact(c) for c in run.population], run.objectives(run.population),
                                      s["population"], run.rng, gn.crossover,
-                                     lambda g, rng: gn.mutate(g, rng, s["mutation"]))
+                                     lambda g, rng: gn.mutate(g, rng, s["mutation"]), run.levels(run.population))
         run.generation, run.pending = run.generation + 1, [gn.to_compact(c) for c in children]
         run.save()
     confirm(run, pool, log)
@@ -184,7 +199,7 @@ def search(run, pool, log=print):
 
 def evaluate_pending(run, pool, log):
     """Train the generation's genomes not trained yet, each distinct model once; checkpoint after each."""
-    done, tasks, index = run.results, [], {}
+    done, tasks, index = run.at_rung(0), [], {}
     for i, compact in enumerate(run.pending):
         key, tag = model_key(compact), f"gen {run.generation:2d} cand {i + 1:2d}/{len(run.pending)}"
         if (key in done and not done[key].get("transient")) or key in index:
@@ -194,15 +209,54 @@ def evaluate_pending(run, pool, log):
         else:
             index[key] = i
             tasks.append((compact, "search"))
+    for entry in train(run, pool, tasks, 0):
+        log(f"gen {run.generation:2d} cand {index[entry['key']] + 1:2d}/{len(run.pending)}  {entry['compact']}  "
+            f"{report.describe(entry, pool.world)}  ~{star.duration(time_left(run, pool.world))} left in the search")
+
+
+def train(run, pool, tasks, rung):
+    """Train tasks at a rung of this generation, recording and checkpointing each as it finishes."""
     for t, result, rank in pool.map(tasks):
-        entry = record(tasks[t][0], result, rank, generation=run.generation)
+        entry = record(tasks[t][0], result, rank, generation=run.generation, rung=rung)
         run.evaluations.append(entry)
         run.save()
         path = os.path.join(run.out, "evaluations.jsonl")
         with star.writing(path), open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
-        log(f"gen {run.generation:2d} cand {index[entry['key']] + 1:2d}/{len(run.pending)}  {entry['compact']}  "
-            f"{report.describe(entry, pool.world)}  ~{star.duration(time_left(run, pool.world))} left in the search")
+        yield entry
+
+
+def rung_sizes(s, n):
+    """How many of a generation's n models train at each rung (ours: successive halving, Jamieson
+    and Talwalkar 2016): n, then at each rung ceil(n_below * steps_below / steps), so that every rung
+    costs about the same compute (60, 240: the best quarter continue)."""
+    sizes = [n]
+    for below, steps in zip(s["rungs"], s["rungs"][1:]):
+        sizes.append(math.ceil(sizes[-1] * below / steps))
+    return sizes
+
+
+def promoted(run, rung):
+    """The generation's models that continue to this rung: the best rung_sizes of those that
+    trained at the rung below, by NSGA-II's order of their results there (reused models included)."""
+    keys = list(dict.fromkeys(model_key(c) for c in run.pending))
+    below = run.at_rung(rung - 1)
+    ok = [below[k]["compact"] for k in keys if k in below and below[k]["status"] == "ok"]
+    order = best_first(run.objectives(ok, rung - 1)) if ok else []
+    return [ok[i] for i in order[: rung_sizes(run.settings, len(keys))[rung]]]
+
+
+def train_at_rung(run, pool, log, rung, compacts):
+    """Retrain the promoted models from scratch at the rung's budget (ours: each result is that of
+    one training under the rung's own cosine schedule; README: "Successive halving")."""
+    done = run.at_rung(rung)
+    tasks = [(c, f"rung {rung}") for c in compacts if model_key(c) not in done or done[model_key(c)].get("transient")]
+    if tasks:
+        log(f"gen {run.generation:2d} rung {rung}: {len(compacts)} of the generation's best continue to "
+            f"{run.settings['rungs'][rung]} steps ({len(tasks)} to train)")
+    for entry in train(run, pool, tasks, rung):
+        log(f"gen {run.generation:2d} rung {rung}  {entry['compact']}  {report.describe(entry, pool.world)}  "
+            f"~{star.duration(time_left(run, pool.world))} left in the search")
 
 
 def next_population(run):
@@ -211,23 +265,28 @@ def next_population(run):
     union, first = run.population + run.pending, {}
     for i, compact in enumerate(union):
         first.setdefault(model_key(compact), i)
-    F = run.objectives(union)
+    F, level = run.objectives(union), run.levels(union)
     parents = [i for i in first.values() if i < len(run.population)]
     children = [i for i in first.values() if i >= len(run.population)]
-    chosen = [(parents + children)[i] for i in survivors(F[parents], F[children], run.settings["population"])]
-    spare = sorted(set(range(len(union))) - set(chosen), key=lambda i: tuple(F[i]))
+    chosen = [(parents + children)[i] for i in survivors(F[parents], F[children], run.settings["population"],
+                                                         level[parents + children])]
+    spare = sorted(set(range(len(union))) - set(chosen), key=lambda i: (-level[i], *F[i]))
     return [union[i] for i in chosen + spare[: run.settings["population"] - len(chosen)]]
 
 
 def run_baselines(run, pool, log):
-    """Both baselines at the search's budget: every margin of the report is to them."""
-    names = {c: name for name, c in baseline_compacts(run).items()}
-    tasks = [(c, "search") for c, name in names.items() if name not in run.baselines]
+    """Both baselines at the search's budget, and at each later rung ('name@steps'): every margin
+    of the report is to them, at the budget of the result it is a margin of."""
+    rungs = run.settings["rungs"]
+    names = {(c, r): name + (f"@{rungs[r]}" if r else "") for name, c in baseline_compacts(run).items()
+             for r in range(len(rungs))}
+    tasks = [(c, f"rung {r}" if r else "search") for (c, r), name in names.items() if name not in run.baselines]
     for t, result, rank in pool.map(tasks):
-        entry = record(tasks[t][0], result, rank)
-        run.baselines[names[entry["compact"]]] = entry
+        rung = int(tasks[t][1][5:]) if tasks[t][1] != "search" else 0
+        entry, name = record(tasks[t][0], result, rank, rung=rung), names[tasks[t][0], rung]
+        run.baselines[name] = entry
         run.save()
-        log(f"baseline {names[entry['compact']]:16s} {report.describe(entry, pool.world)}")
+        log(f"baseline {name:16s} {report.describe(entry, pool.world)}")
 
 
 def baseline_compacts(run, n_livs=None):
@@ -303,18 +362,25 @@ def confirm_set(run):
     checks = [rest[i] for i in sorted(set(np.linspace(len(rest) // 2, len(rest) - 1, r).round().astype(int)))] \
         if rest and r else []
     chosen = [("top", e) for e in table[:k]] + [("rank check", e) for e in checks] + \
-        [("baseline", run.baselines[n]) for n in SEARCH_BASELINES if run.baselines[n]["status"] == "ok"]
+        [("baseline", top_rung_baseline(run, n)) for n in SEARCH_BASELINES if run.baselines[n]["status"] == "ok"]
     first = {}
     for kind, e in chosen:  # a model chosen twice (a candidate that is a baseline) is confirmed once
         first.setdefault(e["key"], (kind, e))
     return list(first.values())
 
 
+def top_rung_baseline(run, name):
+    """A baseline's result at the highest rung (where the search's best were compared), else its first."""
+    later = run.baselines.get(f"{name}@{run.settings['rungs'][-1]}")
+    return later if later and later["status"] == "ok" else run.baselines[name]
+
+
 def ranking(run):
-    """The distinct trained candidates, best first by the first objective."""
+    """The distinct trained candidates, best first: by the highest rung reached, then by the first
+    objective there (one rung: by the first objective)."""
     key = OBJECTIVES[run.settings["objective"]][0]
-    ok = {e["key"]: e for e in run.evaluations if e["status"] == "ok" and e.get(key) is not None}
-    return sorted(ok.values(), key=lambda e: e[key])
+    ok = [e for e in run.candidates() if e["status"] == "ok" and e.get(key) is not None]
+    return sorted(ok, key=lambda e: (-e["rung"], e[key]))
 
 
 def final_table(run):
@@ -323,14 +389,15 @@ def final_table(run):
     if len(keys) == 1:
         return ranking(run)[:10]
     results = run.results
-    front = [results[model_key(run.population[i])] for i in non_dominated_sort(run.objectives(run.population))[0]]
+    F, level = run.objectives(run.population), run.levels(run.population)
+    front = [results[model_key(run.population[i])] for i in non_dominated_sort(F, level)[0]]
     return sorted({e["key"]: e for e in front if e["status"] == "ok"}.values(), key=lambda e: e["ppl"])
 
 
 def confirmed_rows(run):
     """report.Confirmed rows for every model of the confirm_set confirmed so far under some seed."""
     s, rank = run.settings, {e["key"]: i + 1 for i, e in enumerate(ranking(run))}
-    names = {e["key"]: name for name, e in run.baselines.items()}
+    names = {run.baselines[name]["key"]: name for name in SEARCH_BASELINES}
     rows = []
     for kind, e in confirm_set(run):
         runs = [c for c in (confirmation(run, e["compact"], "confirm", seed) for seed in confirm_seeds(s)) if c]
@@ -356,8 +423,10 @@ def check_something_trained(run):
 def results(run):
     """The run as report.py reads it."""
     return report.Results(out=run.out, settings=run.settings, objectives=OBJECTIVES[run.settings["objective"]],
-                          evaluations=run.evaluations, baselines={n: run.baselines[n] for n in SEARCH_BASELINES
+                          evaluations=run.candidates(), baselines={n: run.baselines[n] for n in SEARCH_BASELINES
                                                                    if n in run.baselines},
+                          rung_baselines={n: {r: run.baselines.get(f"{n}@{b}") for r, b in enumerate(
+                              run.settings["rungs"][1:], 1)} for n in SEARCH_BASELINES}, trainings=run.evaluations,
                           top=final_table(run), confirmed=confirmed_rows(run),
                           elapsed=run.elapsed())
 
@@ -375,23 +444,43 @@ class Run:
         self.generation = 0
         self.population = []  # compact genomes: the survivors of the last finished generation
         self.pending = []  # compact genomes of the generation in progress (some may be trained already)
-        self.evaluations = []  # candidates at the search's budget, in order of completion
+        self.evaluations = []  # candidates at each rung's budget ('rung' 0: the search's), in order of completion
         self.baselines = {}  # name -> result at the search's budget
         self.confirmed = {}  # 'stage/seed/model key' -> result at the confirmation's budget (confirmation_id)
         self.rng = np.random.default_rng(settings["seed"])
         self.started = time.time()
         self.elapsed_before = 0.0  # seconds spent before a resume
 
+    def at_rung(self, rung=None):
+        """Results by model key (genomes that compile to the same model share one) at this rung, or
+        at the highest each reached (None); what is measured at the first rung only (latency, probes)
+        carried up."""
+        merged = {}
+        for e in sorted(self.evaluations, key=lambda e: e["rung"]):  # stable: a retrain replaces
+            if rung is None or e["rung"] <= rung:
+                first = merged.get(e["key"], e)
+                merged[e["key"]] = {**first, **e, "generation": first["generation"]}
+        return {k: e for k, e in merged.items() if rung is None or e["rung"] == rung}
+
     @property
     def results(self):
-        """Evaluations by model key: genomes that compile to the same model share one result."""
-        return {e["key"]: e for e in self.evaluations}
+        return self.at_rung()
 
-    def objectives(self, compacts):
-        keys, results = OBJECTIVES[self.settings["objective"]], self.results
+    def candidates(self):
+        """One entry per distinct trained model, in order of first training, at its highest rung."""
+        results = self.results
+        return list({e["key"]: results[e["key"]] for e in self.evaluations}.values())
+
+    def objectives(self, compacts, rung=None):
+        keys, results = OBJECTIVES[self.settings["objective"]], self.at_rung(rung)
         rows = [[r[k] if r["status"] == "ok" and r.get(k) is not None else FAILED for k in keys]
                 for r in (results[model_key(c)] for c in compacts)]
         return np.array(rows, dtype=float).reshape(len(rows), len(keys))
+
+    def levels(self, compacts):
+        """The highest rung each model reached: selection compares results there, higher first."""
+        results = self.results
+        return np.array([results[model_key(c)]["rung"] for c in compacts], dtype=int)
 
     def elapsed(self):
         return self.elapsed_before + time.time() - self.started
@@ -421,11 +510,11 @@ class Run:
 
 
 def upgrade(state):
-    """An older checkpoint in version 4's names; else as read. Version 2 -> 3: 'batch' became
+    """An older checkpoint in version 5's names; else as read. Version 2 -> 3: 'batch' became
     'pending'; 'extra', results under 'seed:<key>' and 'confirm:<key>', became 'noise' and
     'confirmed' keyed by model. 3 -> 4: the noise run is gone (the spread is measured over the
     confirmation's seeds); confirmed results are keyed 'confirm/<seed>/<key>', the seed the search's
-    + 1; the settings gain the confirmation's new flags, off."""
+    + 1; the settings gain the confirmation's new flags, off. 4 -> 5: one rung, the search's budget."""
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         return state
     if state.get("version") == 2 and isinstance(state.get("extra"), dict):
@@ -447,6 +536,12 @@ def upgrade(state):
             "confirm_seeds": 1, "rank_check": 0, "random_search": False, "confirm_n_livs": None, "confirm_width": None,
             "run_id": uuid.uuid4().hex, **state["settings"]}}
         state.pop("noise", None)
+    if state.get("version") == 4 and isinstance(state["settings"].get("preset"), dict):
+        state = {**state, "version": 5, "settings": {"rungs": [state["settings"]["preset"].get("steps")],
+                                                     **state["settings"]}}
+        for e in state.get("evaluations") or []:
+            if isinstance(e, dict):
+                e.setdefault("rung", 0)
     return state
 
 
@@ -466,7 +561,7 @@ def check_settings(s):
                        ("confirm_steps", (int,)), ("confirm_top", (int,)), ("probes", (bool,)),
                        ("confirm_seeds", (int,)), ("rank_check", (int,)), ("random_search", (bool,)),
                        ("confirm_n_livs", (int, type(None))), ("confirm_width", (int, type(None))),
-                       ("run_id", (str,))):
+                       ("run_id", (str,)), ("rungs", (list,))):
         star.field(s, key, kinds, "settings")
     if s["objective"] not in OBJECTIVES:
         raise ValueError(f"unknown objective {s['objective']!r}; choose from {', '.join(OBJECTIVES)}")
@@ -483,6 +578,7 @@ def check_settings(s):
             star.check_number(key, s[key])
         except ValueError as e:
             raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+    check_rungs(s["rungs"], s["preset"]["steps"])
     if large_size(s):
         n, n_livs = s["preset"]["n_livs"], large_size(s)[0]
         if n_livs % n:
@@ -492,6 +588,16 @@ def check_settings(s):
         except ValueError as e:
             raise ValueError(f"--confirm-width/--confirm-n-livs: {e}") from None
     return s
+
+
+def check_rungs(rungs, steps):
+    if not rungs or not all(isinstance(b, int) and not isinstance(b, bool) for b in rungs):
+        raise ValueError(f"--rungs: {rungs!r} is not a list of step budgets")
+    for b in rungs:
+        star.check_number("steps", b)
+    if rungs[0] != steps or any(a >= b for a, b in zip(rungs, rungs[1:])):
+        raise ValueError(f"--rungs {','.join(map(str, rungs))}: the budgets must rise, from the search's "
+                         f"--steps {steps}")
 
 
 def check_compact(compact, depths, where):
@@ -565,10 +671,15 @@ def check_state(state):
         check_result(e, n, f"evaluations[{i}]")
         if not 0 <= star.field(e, "generation", (int,), f"evaluations[{i}]") <= state["generation"]:
             raise ValueError(f"evaluations[{i}].generation is {e['generation']}, after the run's {state['generation']}")
+        if not 0 <= star.field(e, "rung", (int,), f"evaluations[{i}]") < len(s["rungs"]):
+            raise ValueError(f"evaluations[{i}].rung is {e['rung']}; the run has {len(s['rungs'])} rung(s)")
+    later = {f"{n}@{b}": r for n in SEARCH_BASELINES for r, b in enumerate(s["rungs"][1:], 1)}
     for name, e in star.field(state, "baselines", (dict,), "checkpoint").items():
-        if name not in SEARCH_BASELINES:
-            raise ValueError(f"baselines: unknown baseline {name!r}")
+        if name not in SEARCH_BASELINES and name not in later:
+            raise ValueError(f"baselines: unknown baseline {name[:40]!r}")
         check_result(e, depths[1:], f"baselines.{name}")
+        if e.get("rung", 0) != later.get(name, 0):
+            raise ValueError(f"baselines.{name}.rung is {e['rung']!r}, not the rung its name says")
     for key, e in star.field(state, "confirmed", (dict,), "checkpoint").items():
         where = f"confirmed.{key[:48]}"  # the larger size at any depth: the flags may change on resume
         check_result(e, None if star.field(e, "stage", (str,), where) == "large" else depths, where)
@@ -598,13 +709,18 @@ def record(compact, result, rank, **where):
 
 
 def time_left(run, world=1):
-    """Seconds left: the mean wall time of a model trained so far, times the models still to train
-    (this generation's, the later generations'), plus the confirmation's trainings at its budget
-    (not probed or timed; the larger size's by its depth x width^2), / processes."""
-    trained = run.evaluations + list(run.baselines.values())
+    """Seconds left: the mean wall time of a training at the search's budget so far (a rung's by its
+    steps), times the trainings still to come (this generation's at each rung, the later
+    generations'), plus the confirmation's at its budget (not probed or timed; the larger size's by
+    its depth x width^2), / processes."""
     s = run.settings
-    search = len({model_key(c) for c in run.pending} - set(run.results))
-    search += (s["generations"] - run.generation - 1) * s["population"]
+    trained, cost = run.evaluations + list(run.baselines.values()), [b / s["rungs"][0] for b in s["rungs"]]
+    sizes = rung_sizes(s, s["population"])
+    search = len({model_key(c) for c in run.pending} - set(run.at_rung(0))) + (
+        s["generations"] - run.generation - 1) * sum(n * c for n, c in zip(sizes, cost))
+    for r in range(1, len(cost) if run.pending else 0):
+        search += max(0, sizes[r] - sum(e["generation"] == run.generation and e["rung"] == r
+                                        for e in run.evaluations)) * cost[r]
     confirm = 0
     if s["confirm_steps"]:
         models = s["confirm_top"] + s["rank_check"] + len(SEARCH_BASELINES)
@@ -614,16 +730,17 @@ def time_left(run, world=1):
             todo[c["stage"]] -= c["steps"] == s["confirm_steps"]
         scale = large[0] / s["preset"]["n_livs"] * (large[1] / s["preset"]["width"]) ** 2 if large else 0
         confirm = (max(0, todo["confirm"]) + max(0, todo["large"]) * scale) * s["confirm_steps"] / s["preset"]["steps"]
-    seconds = sum(e["seconds"] for e in trained) / max(1, len(trained))
-    measure = sum(e.get("measure_seconds", 0.0) for e in trained) / max(1, len(trained))
+    units = sum(cost[e.get("rung", 0)] for e in trained)
+    seconds = sum(e["seconds"] for e in trained) / max(1, units)
+    measure = sum(e.get("measure_seconds", 0.0) for e in trained) / max(1, units)
     return (seconds * search + (seconds - measure) * confirm) / world
 
 
 def report_generation(run, log):
-    F = run.objectives(run.population)
-    log(f"generation {run.generation} done: best {OBJECTIVES[run.settings['objective']][0]} {F[:, 0].min():.3f}, "
-        f"front {len(non_dominated_sort(F)[0])}, "
-        f"{run.elapsed() / 60:.1f} min so far{report.turnover_note(run.evaluations, run.generation)}")
+    F, level = run.objectives(run.population), run.levels(run.population)
+    log(f"generation {run.generation} done: best {OBJECTIVES[run.settings['objective']][0]} "
+        f"{F[best_first(F, level)[0], 0]:.3f}, front {len(non_dominated_sort(F, level)[0])}, "
+        f"{run.elapsed() / 60:.1f} min so far{report.turnover_note(run.candidates(), run.generation)}")
     report.write_outputs(results(run))
 
 
@@ -653,6 +770,9 @@ def parse_args(argv):
                    help="also confirm at this depth (a multiple of --n-livs; candidates stacked), one seed")
     p.add_argument("--confirm-width", type=star.number("confirm_width"), default=None, metavar="W",
                    help="also confirm at this width, one seed")
+    p.add_argument("--rungs", type=rung_list, default=None, metavar="STEPS,STEPS",
+                   help="successive halving: each generation's best continue to these budgets, retrained "
+                        "(e.g. 60,240; the first is --steps; default: one rung)")
     p.add_argument("--random-search", action="store_true", default=None,
                    help="the equal-budget control: every generation drawn at random (no selection, crossover, mutation)")
     p.add_argument("--lease", type=star.number("lease"), default=120.0, metavar="SECONDS",
@@ -674,10 +794,19 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def rung_list(text):
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not step budgets separated by commas, e.g. 60,240") from None
+
+
 def settings_from_args(args, log):
     name = star.preset_name(args.preset or "auto")
     if (args.preset or "auto") == "auto":
         log(f"preset auto: {name} ({'CUDA found' if name == 'gpu' else 'no CUDA'})")
+    if args.rungs and args.steps is None:
+        args.steps = args.rungs[0]
     preset = star.preset_from_args(args, name)
     defaults = DEFAULTS[name]
 
@@ -690,7 +819,8 @@ def settings_from_args(args, log):
                 "vocab_size": args.vocab_size, "threads": given(args.threads, torch.get_num_threads()),
                 "confirm_steps": given(args.confirm_steps, defaults["confirm_factor"] * preset.steps),
                 "confirm_n_livs": args.confirm_n_livs, "confirm_width": args.confirm_width,
-                "random_search": bool(args.random_search), "run_id": uuid.uuid4().hex}
+                "random_search": bool(args.random_search), "run_id": uuid.uuid4().hex,
+                "rungs": args.rungs or [preset.steps]}
     for key in ("confirm_top", "confirm_seeds", "rank_check"):
         settings[key] = given(getattr(args, key), defaults[key])
     settings["probes"] = bool(args.probes) or "recall_error" in OBJECTIVES.get(settings["objective"], ())
@@ -702,7 +832,7 @@ def check_resume_conflicts(args, saved):
     confirmation's flags may change (they do not alter what was trained), checked again."""
     given = {"objective": args.objective, "population": args.population, "mutation": args.mutation,
              "data": args.data, "vocab_size": args.vocab_size, "preset_name": args.preset, "threads": args.threads,
-             "probes": args.probes, "random_search": args.random_search}
+             "probes": args.probes, "random_search": args.random_search, "rungs": args.rungs}
     given.update({f.name: getattr(args, f.name) for f in dataclasses.fields(star.Preset)})
     for key, value in given.items():
         have = saved["preset"][key] if key in saved["preset"] else saved[key]

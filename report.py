@@ -31,6 +31,8 @@ class Results:
     top: list               # the final front (several objectives) or the top 10 (one), best first
     confirmed: list         # Confirmed rows, in the order of evolve.confirm_set
     elapsed: float          # seconds the search has run
+    rung_baselines: dict = None  # baseline name -> {rung >= 1: its result there, or None}
+    trainings: list = ()    # every training of the search, one per model and rung (evaluations: one per model)
 
 
 @dataclass
@@ -68,7 +70,7 @@ def best_genomes(results):
     """(the search's best entry, the confirmed best entry or None: confirmation retrains perplexity)."""
     key = results.objectives[0]
     ok = [e for e in results.evaluations if e["status"] == "ok" and e.get(key) is not None]
-    search_best = min(ok, key=lambda e: e[key]) if ok else None
+    search_best = min(ok, key=lambda e: searched(e, key)) if ok else None
     evolved = [c for c in results.confirmed if c.kind != "baseline" and all(key in r for r in c.runs)]
     return search_best, (min(evolved, key=lambda c: mean(c, key)).search if evolved else None)
 
@@ -101,7 +103,8 @@ def write_report(results, figures=()):
 
 def confirmation_section(r):
     s, rows, names, key = r.settings, r.confirmed, list(r.baselines), r.objectives[0]
-    base, steps = s["preset"]["steps"], s["confirm_steps"]
+    rungs, steps = s.get("rungs", [s["preset"]["steps"]]), s["confirm_steps"]
+    base = f"{rungs[0]} steps" if len(rungs) == 1 else f"rungs {','.join(map(str, rungs))}"
     if not steps:
         return ["Confirmation skipped (--confirm-steps 0): the numbers below hold at the search's budget only.", ""]
     if not rows:
@@ -112,23 +115,35 @@ def confirmation_section(r):
     size = f"{len(large[0].large['genome'])} LIVs x {large[0].large['width']}" if large else ""
     table_rows = []
     for c in rows:
-        margins = [(f"{pct(c.search[key], r.baselines[n][key], key)} → " + fmt_margin(*margin(c, again[n], key, sd, dof), key))
+        margins = [(f"{search_margin(r, c, n, key)} → " + fmt_margin(*margin(c, again[n], key, sd, dof), key))
                    if n in again and c.kind != "baseline" else "-" for n in names]
-        table_rows.append([c.label, c.kind, f"`{c.search['summary']}`", f"{c.search[key]:.3f}", fmt_mean(c, key)] +
+        table_rows.append([c.label, c.kind, f"`{c.search['summary']}`", f"{c.search[key]:.3f}{steps_of(r, c.search)}",
+                           fmt_mean(c, key)] +
                           ([f"{c.large[key]:.3f}" if c.large else "-"] if large else []) + margins)
-    searched = [c.search[key] for c in rows]
+    order = sorted(range(len(rows)), key=lambda i: searched(rows[i].search, key))
+    places = [float(order.index(i)) for i in range(len(rows))]  # the search's order (rungs first)
     lines = [f"## Confirmed result: {len(rows)} models retrained for {steps} steps (search: {base}) under "
              f"seed(s) {', '.join(str(x['seed']) for x in rows[0].runs)}", "", verdict(r, sd, dof), "",
-             *table(["model", "kind", "architecture", f"{key}, {base} steps", f"{key}, {steps} steps (mean ± sd)"] +
+             *table(["model", "kind", "architecture", f"{key}, {base}", f"{key}, {steps} steps (mean ± sd)"] +
                     ([f"{key}, {size}"] if large else []) + [f"vs {n}, {base} → {steps} steps" for n in names],
                     table_rows), "",
              rule_line(sd, dof, key), "",
              "Rank check (the search's order at the longer budget, over the top, the rank-check candidates from the "
-             f"middle and bottom of the search, and the baselines): {correlation_line(searched, [mean(c, key) for c in rows])}"]
+             f"middle and bottom of the search, and the baselines): {correlation_line(places, [mean(c, key) for c in rows])}"]
     if len(large) > 1:
         lines += ["", f"At the larger size ({size}, seed {large[0].large['seed']}) against the confirmed means: "
                   f"{correlation_line([mean(c, key) for c in large], [c.large[key] for c in large])}"]
     return lines + [""]
+
+
+def searched(e, key):
+    """The search's order of its results: the higher rung first, then the objective there."""
+    return -e.get("rung", 0), e[key]
+
+
+def search_margin(r, c, name, key):
+    b = baseline_at(r, name, c.search)
+    return pct(c.search[key], b[key], key) if b and b["status"] == "ok" and key in b else "-"
 
 
 def verdict(r, sd, dof):
@@ -138,7 +153,7 @@ def verdict(r, sd, dof):
     evolved = [c for c in rows if c.kind != "baseline"]
     if not evolved:
         return "No evolved candidate was confirmed."
-    best, top = min(evolved, key=lambda c: mean(c, key)), min(evolved, key=lambda c: c.search[key])
+    best, top = min(evolved, key=lambda c: mean(c, key)), min(evolved, key=lambda c: searched(c.search, key))
     steps = r.settings["confirm_steps"]
     first = (f"The search's best ({top.label}) is still the best confirmed candidate at {steps} steps" if best is top
              else f"The search's best ({top.label}) is no longer the best at {steps} steps ({best.label} is)")
@@ -183,7 +198,7 @@ def context_lines(r):
     if s.get("random_search"):
         lines.append(f"- This run is the random-search control (--random-search): all {len(r.evaluations)} candidates "
                      "were drawn at random; set it beside a search with `python evolve.py --compare DIR DIR`.")
-    elif randoms and search_best:
+    elif randoms and search_best and len(s.get("rungs", [])) < 2:
         best0 = min(e[key] for e in randoms)
         lines.append(f"- Within this run (not a control): the best of the {len(randoms)} random genomes of generation 0 "
                      f"reached {key} {best0:.3f}, the best of all {len(r.evaluations)} candidates (generation 0 "
@@ -203,26 +218,35 @@ def compare_section(runs):
         evolved = [c for c in r.confirmed if c.kind != "baseline"]
         if not evolved:
             raise ValueError(f"{r.out}: no confirmed candidate (the run has not finished its confirmation)")
-        b = best[(r.settings["seed"], bool(r.settings["random_search"]))] = min(evolved, key=lambda c: mean(c, key))
+        b = best[(r.settings["seed"], search_kind(r.settings))] = min(evolved, key=lambda c: mean(c, key))
         sd, dof = spread(r.confirmed, key)
         again = {c.label: c for c in r.confirmed if c.kind == "baseline"}
-        rows.append([r.out, "random" if r.settings["random_search"] else "evolution", r.settings["seed"],
+        rows.append([r.out, search_kind(r.settings), r.settings["seed"],
                      f"{b.label} `{b.search['summary'][:40]}`", fmt_mean(b, key)] +
                     [f"{fmt_mean(again[n], key)}; {fmt_margin(*margin(b, again[n], key, sd, dof), key)}"
                      if n in again else "-" for n in names] + [f"{r.elapsed / 60:.1f}"])
     sd, dof = spread([c for r in runs for c in r.confirmed], key)
     lines = table(["run", "search", "seed", "confirmed best", f"{key} (mean ± sd)"] +
                   [f"{n}: mean ± sd; best's margin" for n in names] + ["minutes"], rows)
-    pairs = sorted(seed for seed, rnd in best if not rnd and (seed, True) in best)
-    if pairs:
-        d = [margin(best[(seed, False)], best[(seed, True)], key, sd, dof) for seed in pairs]
-        lines += ["", "Evolution against random search at equal budget, confirmed best against confirmed best "
-                  "(negative: evolution lower): " + ", ".join(f"seed {seed}: {fmt_margin(*m, key)}"
-                                                              for seed, m in zip(pairs, d)) +
+    for kind in sorted({k for _, k in best} - {"random"}):
+        pairs = sorted(seed for seed, k in best if k == kind and (seed, "random") in best)
+        if not pairs:
+            continue
+        d = [margin(best[(seed, kind)], best[(seed, "random")], key, sd, dof) for seed in pairs]
+        lines += ["", f"{kind.capitalize()} against random search, confirmed best against confirmed best "
+                  "(negative: the search lower): " + ", ".join(f"seed {seed}: {fmt_margin(*m, key)}"
+                                                               for seed, m in zip(pairs, d)) +
                   f"; mean {fmt_margin(float(np.mean([m[0] for m in d])), None, None, key)}; "
-                  f"evolution ahead beyond the spread in {sum(called(lo, hi) and m < 0 for m, lo, hi in d)} of "
+                  f"ahead beyond the spread in {sum(called(lo, hi) and m < 0 for m, lo, hi in d)} of "
                   f"{len(d)}, behind beyond it in {sum(called(lo, hi) and m > 0 for m, lo, hi in d)}."]
     return lines
+
+
+def search_kind(s):
+    """'evolution', 'evolution, rungs 60,240' or 'random' (the control): how --compare groups runs."""
+    if s.get("random_search"):
+        return "random"
+    return "evolution" + (f", rungs {','.join(map(str, s['rungs']))}" if len(s.get("rungs", [])) > 1 else "")
 
 
 def top_section(r):
@@ -237,13 +261,27 @@ def top_section(r):
     for label, e in [(f"#{i + 1} (gen {e['generation']})", e) for i, e in enumerate(r.top)] + \
             [(f"baseline {name}", e) for name, e in r.baselines.items()]:
         ok = e["status"] == "ok"
-        margins = [pct(e["ppl"], b["ppl"]) if ok and b["status"] == "ok" else "-" for b in r.baselines.values()]
-        rows.append([label, f"`{e['summary']}`", f"{e['ppl']:.3f}" if ok else "failed", *margins,
+        bs = [baseline_at(r, n, e) for n in r.baselines]
+        margins = [pct(e["ppl"], b["ppl"]) if ok and b and b["status"] == "ok" else "-" for b in bs]
+        rows.append([label, f"`{e['summary']}`", f"{e['ppl']:.3f}{steps_of(r, e)}" if ok else "failed", *margins,
                      f"{e['params']:,}" if e["params"] else "-", f"{e['cache_bytes']:,}" if e["cache_bytes"] else "0"] +
                     [show_or_dash(fmt, e) for _, fmt in extra])
-    return [f"## {title}, with the baselines (same budget: {s['preset']['steps']} steps, seed {s['seed']})", "",
+    budget = (f"each at the highest rung it reached, of {', '.join(map(str, s['rungs']))} steps; margins at equal "
+              f"steps" if len(s.get("rungs", [])) > 1 else f"same budget: {s['preset']['steps']} steps")
+    return [f"## {title}, with the baselines ({budget}, seed {s['seed']})", "", *rung_lines(r),
             *table(["", "architecture", "ppl", *[f"ppl vs {n}" for n in r.baselines], "params", "cache bytes"]
                    + [name for name, _ in extra], rows)]
+
+
+def rung_lines(r):
+    """Successive halving: how many trainings, and how many tokens, each rung took (ours)."""
+    rungs, preset = r.settings.get("rungs", []), r.settings["preset"]
+    if len(rungs) < 2:
+        return []
+    n = Counter(e["rung"] for e in r.trainings)
+    return ["Rungs (successive halving; each result at the highest rung it reached): " + "; ".join(
+        f"{b} steps: {n[i]} trainings, {fmt_count(n[i] * b * preset['batch_size'] * preset['seq_len'])} tokens"
+        for i, b in enumerate(rungs)) + ".", ""]
 
 
 def motif_section(r):
@@ -452,6 +490,16 @@ def fmt_margin(d, low, high, key):
 def fmt_mean(c, key):
     values = [x[key] for x in c.runs]
     return f"{mean(c, key):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else " (1 seed)")
+
+
+def baseline_at(r, name, e):
+    """Baseline `name`'s result at the rung (budget) of result e, or None if not trained there."""
+    return r.baselines[name] if not e.get("rung") else (r.rung_baselines or {}).get(name, {}).get(e["rung"])
+
+
+def steps_of(r, e):
+    """A search result's budget, where the run has several rungs: ' (240 steps)'."""
+    return f" ({r.settings['rungs'][e.get('rung', 0)]} steps)" if len(r.settings.get("rungs", [])) > 1 else ""
 
 
 def pct(value, base, key="ppl"):

@@ -606,8 +606,10 @@ def as_version_2(path):
     seed = s["settings"]["seed"] + 1
     extra = {"confirm:" + k.split("/")[2]: {f: v for f, v in e.items() if f != "seed"}
              for k, e in s.pop("confirmed").items() if k.startswith(f"confirm/{seed}/")}
-    for key in ("confirm_seeds", "rank_check", "random_search", "confirm_n_livs", "confirm_width", "run_id"):
+    for key in ("confirm_seeds", "rank_check", "random_search", "confirm_n_livs", "confirm_width", "run_id", "rungs"):
         s["settings"].pop(key)
+    for e in s["evaluations"]:
+        e.pop("rung")
     s.update(version=2, batch=s.pop("pending"), extra=extra)
     path.write_text(json.dumps(s))
 
@@ -937,6 +939,9 @@ BAD_INPUTS += [  # the surfaces added later (issue 20): probe, scale, show --plo
     ("evolve.py", ["--confirm-steps", "-1"]), ("evolve.py", ["--lease", "0"]), ("evolve.py", ["--lease", "inf"]),
     ("evolve.py", ["--compare"]), ("evolve.py", ["--compare", "{d}/nothing"]), ("evolve.py", ["--compare", "{corrupt}"]),
     ("evolve.py", ["--compare", "{file}"]), ("evolve.py", ["--compare", "{deep}"]), ("evolve.py", ["--threads", "0"]),
+    ("evolve.py", ["--rungs", ""]), ("evolve.py", ["--rungs", "60,x"]), ("evolve.py", ["--rungs", "60,,240"]),
+    ("evolve.py", ["--rungs", "240,60"]), ("evolve.py", ["--rungs", "60,60"]), ("evolve.py", ["--rungs", "0,60"]),
+    ("evolve.py", ["--rungs", "60,240", "--steps", "30"]), ("evolve.py", ["--rungs", "60,1e9"]),
     ("bench.py", L + ["--trace", ""]), ("bench.py", ["suite", "--out", ""]), ("bench.py", ["candidates", "--genomes", "0"]),
     ("prepare.py", []), ("prepare.py", ["--files", "nowhere.txt"] + OUT), ("prepare.py", ["--files", "{dir}"] + OUT),
     ("prepare.py", ["--files", "{empty}"] + OUT), ("prepare.py", ["--files", "{file}", "--out", "{d}/x.txt"]),
@@ -1051,6 +1056,12 @@ CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
     (lambda s: s["evaluations"][0].update(probes={"recall": 0.9}), "recall_error"),
     (lambda s: s["evaluations"][0].update(recall_error=0.1), "probes"),
     (lambda s: next(iter(s["confirmed"].values())).update(genome=[[1, 1, 1, 1, 1]]), "genome, key or summary"),
+    (lambda s: s["evaluations"][0].update(rung=1), "evaluations[0].rung"),
+    (lambda s: s["evaluations"][0].pop("rung"), "evaluations[0]"),
+    (lambda s: s["settings"].update(rungs=[3, 2]), "--rungs"),
+    (lambda s: s["settings"].update(rungs=[3, "6"]), "--rungs"),
+    (lambda s: s["settings"].update(rungs=[]), "--rungs"),
+    (lambda s: s["baselines"].update({"transformer++@6": s["baselines"]["transformer++"]}), "transformer++@6"),
 ]
 
 
@@ -1193,8 +1204,8 @@ def test_time_left_counts_confirmation_models_without_their_probes():
     batch = [gn.to_compact(gn.random_genome(4, np.random.default_rng(i))) for i in range(4)]
     entry = lambda c: {"key": evolve.model_key(c), "seconds": 10.0, "measure_seconds": 6.0}
     run = SimpleNamespace(evaluations=[entry(batch[0])], baselines={b: entry(batch[0]) for b in evolve.SEARCH_BASELINES},
-                          pending=batch, results={evolve.model_key(batch[0]): {}}, generation=0, confirmed={},
-                          settings={"generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3,
+                          pending=batch, at_rung=lambda r: {evolve.model_key(batch[0]): {}}, generation=0, confirmed={},
+                          settings={"generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3, "rungs": [10],
                                     "confirm_seeds": 2, "rank_check": 1, "confirm_n_livs": None, "confirm_width": None,
                                     "preset": {"steps": 10, "n_livs": 4, "width": 16}})
     assert len(set(map(evolve.model_key, batch))) == 4
@@ -1453,10 +1464,11 @@ def test_report_says_how_to_get_figures_without_matplotlib(tmp_path, monkeypatch
 
 
 def fake_run(ppl, population, batch, objective="quality"):
-    settings = {"objective": objective, "population": len(population) or len(batch), "seed": 0}
+    settings = {"objective": objective, "population": len(population) or len(batch), "seed": 0, "rungs": [60, 240]}
     run = evolve.Run("unused", settings)
     run.population, run.pending = population, batch
-    run.evaluations = [{"key": evolve.model_key(c), "status": "ok", "ppl": p, "compact": c} for c, p in ppl.items()]
+    run.evaluations = [{"key": evolve.model_key(c), "status": "ok", "ppl": p, "compact": c, "rung": 0, "generation": 0}
+                       for c, p in ppl.items()]
     return run
 
 
@@ -1469,6 +1481,76 @@ def test_survival_keeps_distinct_models():
     assert len(chosen) == 2 and len({evolve.model_key(x) for x in chosen}) == 2 and a in chosen
     run = fake_run({a: 1.0}, [], [a, a_again, a])  # fewer distinct models than places: duplicates fill them
     assert sorted(map(evolve.model_key, evolve.next_population(run))) == [evolve.model_key(a)] * 3
+
+
+def test_selection_ranks_a_result_at_a_higher_rung_first():
+    """Successive halving: b continued to rung 1 (240 steps, ppl 4.0) ranks ahead of a, seen at
+    rung 0 only (60 steps, ppl 2.0), whatever the numbers; at equal rungs the numbers decide."""
+    a, b, c = "1.1.1.1.1-9.2.1.2.1", "5.1.1.1.1-9.2.1.2.1", "7.1.1.1.1-9.2.1.2.1"
+    for objective in ("quality", "quality-size"):
+        run = fake_run({a: 2.0, b: 5.0, c: 3.0}, [a], [b, c], objective)
+        for e in run.evaluations:
+            e["params"] = {a: 100, b: 200, c: 150}[e["compact"]]  # a dominates b at face value
+        run.evaluations.append({**run.evaluations[1], "ppl": 4.0, "rung": 1})
+        assert evolve.next_population(run) == [b], objective
+        assert [e["compact"] for e in evolve.ranking(run)] == [b, a, c]
+    assert evolve.survivors(np.array([[2.0]]), np.array([[5.0], [3.0]]), 2, np.array([0, 1, 0])) == [1, 0]
+
+
+def test_promotion_follows_the_rung_budgets():
+    s = {"rungs": [60, 240]}
+    assert evolve.rung_sizes(s, 8) == [8, 2] and evolve.rung_sizes(s, 4) == [4, 1]
+    assert evolve.rung_sizes({"rungs": [60, 120, 480]}, 16) == [16, 8, 2]  # each rung ~ the same compute
+
+
+RUNGS = ["--rungs", "3,6"]  # with search_args: --steps 3, population 4: the best 2 continue to 6 steps
+
+
+def test_successive_halving_retrains_each_generations_best_at_the_next_rung(tmp_path):
+    evolve.main(search_args(tmp_path, *RUNGS, "--confirm-steps", "0"))
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    first = [e for e in state["evaluations"] if e["generation"] == 0]
+    lowest = sorted((e for e in first if e["rung"] == 0), key=lambda e: e["ppl"])[:2]
+    assert [e["key"] for e in first if e["rung"] == 1] and \
+        {e["key"] for e in first if e["rung"] == 1} == {e["key"] for e in lowest}
+    for g in (0, 1):
+        assert sum(e["rung"] == 1 for e in state["evaluations"] if e["generation"] == g) <= 2
+    assert set(state["baselines"]) == {"transformer++", "striped-mamba", "transformer++@6", "striped-mamba@6"}
+    e = next(e for e in state["evaluations"] if e["rung"] == 1)  # retrained from scratch under a 6-step schedule
+    preset = star.Preset(**{**state["settings"]["preset"], "steps": 6, "warmup": 2})
+    again = star.train_candidate(gn.from_compact(e["compact"]), star.Corpus(), preset, "cpu")
+    assert again["ppl"] == pytest.approx(e["ppl"], rel=1e-6)
+    order = evolve.ranking(evolve.Run.load(str(tmp_path)))
+    assert [(-x["rung"], x["ppl"]) for x in order] == sorted((-x["rung"], x["ppl"]) for x in order)
+    text = (tmp_path / "report.md").read_text()
+    assert "Rungs (successive halving" in text and "(6 steps)" in text
+
+
+def test_a_search_killed_in_the_middle_of_a_rung_resumes_to_the_same_end(tmp_path, monkeypatch, capsys):
+    evolve.main(search_args(tmp_path / "straight", *RUNGS, "--confirm-steps", "0"))
+    calls, original = [0], star.train_candidate
+
+    def killed_at_the_tenth(*args, **kwargs):  # 4 baselines, 4 candidates at rung 0, then rung 1's second
+        calls[0] += 1
+        if calls[0] == 10:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(star, "train_candidate", killed_at_the_tenth)
+    with pytest.raises(SystemExit):
+        evolve.main(search_args(tmp_path / "killed", *RUNGS, "--confirm-steps", "0"))
+    killed = json.loads((tmp_path / "killed" / "checkpoint.json").read_text())
+    assert [e["rung"] for e in killed["evaluations"]] == [0, 0, 0, 0, 1]  # in the middle of rung 1
+    monkeypatch.setattr(star, "train_candidate", original)
+    evolve.main(["--resume", str(tmp_path / "killed")])
+    key = lambda e: (e["compact"], e["generation"], e["rung"], e["ppl"])  # noqa: E731
+    assert [key(e) for e in read_evaluations(tmp_path / "killed")] == \
+        [key(e) for e in read_evaluations(tmp_path / "straight")]
+    final = [json.loads((tmp_path / d / "checkpoint.json").read_text())["population"] for d in ("straight", "killed")]
+    assert final[0] == final[1]
+    with pytest.raises(SystemExit):
+        evolve.main(["--resume", str(tmp_path / "killed"), "--rungs", "3,9"])
+    assert "--rungs" in capsys.readouterr().err
 
 
 def test_threads_are_a_setting_applied_on_resume(tmp_path, capsys):
@@ -1524,7 +1606,8 @@ def test_help_shows_true_defaults():
 
 DIST = ["--population", "4", "--generations", "2", "--steps", "10", "--n-livs", "2", "--width", "16", "--heads", "2",
         "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--warmup", "1", "--threads", "1",
-        "--confirm-top", "2", "--confirm-steps", "20", "--confirm-seeds", "1", "--rank-check", "1"]  # a light confirmation
+        "--confirm-top", "2", "--confirm-steps", "20", "--confirm-seeds", "1", "--rank-check", "1",  # a light confirmation
+        "--rungs", "10,20"]  # successive halving too: its rungs are shared out like the candidates
 
 
 def torchrun_command(*args, restarts=0):
@@ -1536,7 +1619,7 @@ def outcome(out):
     """What a run decided: the perplexity of every model it trained, by generation and genome or by
     stage, and its final population."""
     s = json.loads((out / "checkpoint.json").read_text())
-    return {"candidates": {(e["generation"], e["compact"]): e["ppl"] for e in s["evaluations"]},
+    return {"candidates": {(e["generation"], e["compact"], e["rung"]): e["ppl"] for e in s["evaluations"]},
             "confirmed": {k: e["ppl"] for k, e in s["confirmed"].items()},
             "baselines": {k: e["ppl"] for k, e in s["baselines"].items()}, "population": s["population"]}
 
