@@ -3,11 +3,13 @@
     python evolve.py --objective quality            # lowest validation perplexity
     python evolve.py --objective quality-cache      # Pareto front of perplexity and cache bytes
     python evolve.py --resume runs/20261126-120000  # continue a killed run
+    python evolve.py --rungs 60,240                 # select at 240 steps by successive halving
 
 Read top-down: NSGA-II (non-dominated sorting, crowding distance, binary tournament, survival);
 then the search loop (`search`): baselines, a random population, generations of children by
 tournament, 2-point crossover and per-gene mutation (genome.py) each trained by star.train_candidate
-under the same budget, data order and seed, survival among distinct models, and the confirmation
+under the same budget, data order and seed (the best continued to longer budgets, if --rungs),
+survival among distinct models, and the confirmation
 of the best at a longer budget; then the run's state (checkpointed after every trained model) and
 the command line. Who trains (one process or a torchrun group) is workers.py; what is written for
 people (report.md, figures) is report.py.
@@ -166,8 +168,9 @@ def survivors(F_parents, F_children, n, level=None):
 
 
 def search(run, pool, log=print):
-    """The STAR loop: baselines, a random population, then generations of children and survival;
-    then the confirmation of the best at a longer budget. Resumes wherever the run stopped.
+    """The STAR loop: baselines, a random population, then generations of children and survival
+    (with --rungs, each generation's best retrained at the longer budgets first: successive
+    halving); then the confirmation of the best at a longer budget. Resumes wherever it stopped.
     With --random-search (ours: the control of Li and Talwalkar 2019) every generation is drawn at
     random instead, through the same training, survival and confirmation."""
     s = run.settings
