@@ -85,6 +85,14 @@ def table(runs, done):
             sd = f" ± {statistics.stdev(col):.1f}" if len(col) > 1 else ""
             cells.append(f"{statistics.mean(col):+.1f}%{sd}")
         lines.append(f"{k} ({len(ms)} seeds): " + ", ".join(f"vs {n} {c}" for n, c in zip(gn.BASELINES, cells)))
+    best = {(report.search_kind(s), s["seed"]): done[gn.to_compact(g)]["ppl"] for s, g in runs.values()}
+    for k in sorted({k for k, _ in best} - {"random"}):
+        seeds = sorted(seed for kk, seed in best if kk == k and ("random", seed) in best)
+        d = [100 * (best[k, seed] / best["random", seed] - 1) for seed in seeds]
+        if d:
+            lines.append(f"{k} against random search (negative: {k} lower): " +
+                         ", ".join(f"seed {seed} {x:+.1f}%" for seed, x in zip(seeds, d)) +
+                         f"; mean {statistics.mean(d):+.1f}%, lower on {sum(x < 0 for x in d)} of {len(d)}")
     lines.append("baselines: " + ", ".join(f"{n} {v:.3f}" for n, v in ppl.items()))
     return "\n".join(lines)
 
