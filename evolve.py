@@ -763,7 +763,7 @@ def parse_args(argv):
                    help="per-gene mutation probability (default 0.1)")
     p.add_argument("--confirm-steps", type=star.number("confirm_steps"), default=None, metavar="N",
                    help="steps of the confirmation stage (" + ", ".join(
-                       f"{k} {v['confirm_factor']}x --steps" for k, v in DEFAULTS.items()) + "; 0 skips it)")
+                       f"{k} {v['confirm_factor']}x --steps" for k, v in DEFAULTS.items()) + " or the last rung; 0 skips it)")
     for flag, what in (("confirm_top", "best candidates confirmed beside the baselines"),
                        ("confirm_seeds", "seeds each confirmed model is retrained under: the spread margins must clear"),
                        ("rank_check", "candidates from the middle and bottom of the search confirmed too")):
@@ -820,7 +820,8 @@ def settings_from_args(args, log):
                 "generations": given(args.generations, defaults["generations"]),
                 "mutation": given(args.mutation, 0.1), "seed": preset.seed, "data": args.data,
                 "vocab_size": args.vocab_size, "threads": given(args.threads, torch.get_num_threads()),
-                "confirm_steps": given(args.confirm_steps, defaults["confirm_factor"] * preset.steps),
+                "confirm_steps": given(args.confirm_steps,  # longer than any selection: of the last rung
+                                       defaults["confirm_factor"] * (args.rungs or [preset.steps])[-1]),
                 "confirm_n_livs": args.confirm_n_livs, "confirm_width": args.confirm_width,
                 "random_search": bool(args.random_search), "run_id": uuid.uuid4().hex,
                 "rungs": args.rungs or [preset.steps]}

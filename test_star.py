@@ -1506,6 +1506,12 @@ def test_promotion_follows_the_rung_budgets():
 RUNGS = ["--rungs", "3,6"]  # with search_args: --steps 3, population 4: the best 2 continue to 6 steps
 
 
+def test_the_confirmation_is_longer_than_the_last_rung_by_default():
+    settings = evolve.settings_from_args(evolve.parse_args(["--preset", "tiny", "--rungs", "60,240"]), print)
+    assert settings["preset"]["steps"] == 60 and settings["confirm_steps"] == 2 * 240
+    assert evolve.settings_from_args(evolve.parse_args(["--preset", "tiny"]), print)["confirm_steps"] == 2 * 60
+
+
 def test_successive_halving_retrains_each_generations_best_at_the_next_rung(tmp_path):
     evolve.main(search_args(tmp_path, *RUNGS, "--confirm-steps", "0"))
     state = json.loads((tmp_path / "checkpoint.json").read_text())
