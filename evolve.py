@@ -763,7 +763,8 @@ def parse_args(argv):
                    help="per-gene mutation probability (default 0.1)")
     p.add_argument("--confirm-steps", type=star.number("confirm_steps"), default=None, metavar="N",
                    help="steps of the confirmation stage (" + ", ".join(
-                       f"{k} {v['confirm_factor']}x --steps" for k, v in DEFAULTS.items()) + " or the last rung; 0 skips it)")
+                       f"{k} {v['confirm_factor']}x" for k, v in DEFAULTS.items()) +
+                        " --steps, or the last of --rungs; 0 skips it)")
     for flag, what in (("confirm_top", "best candidates confirmed beside the baselines"),
                        ("confirm_seeds", "seeds each confirmed model is retrained under: the spread margins must clear"),
                        ("rank_check", "candidates from the middle and bottom of the search confirmed too")):

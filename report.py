@@ -129,7 +129,8 @@ def confirmation_section(r):
                     table_rows), "",
              rule_line(sd, dof, key), "",
              "Rank check (the search's order at the longer budget, over the top, the rank-check candidates from the "
-             f"middle and bottom of the search, and the baselines): {correlation_line(places, [mean(c, key) for c in rows])}"]
+             f"middle and bottom of the search, and the baselines): "
+             f"{correlation_line(places, [mean(c, key) for c in rows])}"]
     if len(large) > 1:
         lines += ["", f"At the larger size ({size}, seed {large[0].large['seed']}) against the confirmed means: "
                   f"{correlation_line([mean(c, key) for c in large], [c.large[key] for c in large])}"]

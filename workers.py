@@ -23,8 +23,9 @@ class Evaluator:
     """Trains one genome at one stage of the run and scores it. Stages: 'search' (the search's
     budget and seed), 'rung 1', 'rung 2'... (the later budgets of --rungs, the search's seed),
     'confirm' (the confirmation's longer budget under a given seed) and 'large' (the confirmation's
-    budget at --confirm-n-livs/--confirm-width; evolve.py hands it the genome already scaled). Latency is measured at the search stage if asked; the probes run at the search
-    stage if asked, and at the confirmation too when they are the objective ('recall')."""
+    budget at --confirm-n-livs/--confirm-width; evolve.py hands it the genome already scaled).
+    Latency is measured at the search stage if asked; the probes run at the search stage if asked,
+    and at the confirmation too when they are the objective ('recall')."""
 
     def __init__(self, settings, device, log=None):
         self.preset = star.Preset(**settings["preset"])
@@ -32,8 +33,8 @@ class Evaluator:
         confirm = dataclasses.replace(self.preset, steps=steps, warmup=round(self.preset.warmup * steps / self.preset.steps))
         large = dataclasses.replace(confirm, n_livs=settings.get("confirm_n_livs") or self.preset.n_livs,
                                     width=settings.get("confirm_width") or self.preset.width)
-        rungs = {f"rung {r}": dataclasses.replace(self.preset, steps=b, warmup=round(self.preset.warmup * b / self.preset.steps))
-                 for r, b in enumerate(settings["rungs"][1:], 1)}  # successive halving: retrained at each
+        rungs = {f"rung {r}": dataclasses.replace(self.preset, steps=b, warmup=round(self.preset.warmup * b / steps0))
+                 for r, b in enumerate(settings["rungs"][1:], 1) for steps0 in [self.preset.steps]}  # retrained at each
         self.presets = {"search": self.preset, "confirm": confirm, "large": large, **rungs}
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
         self.device, self.log = device, log
