@@ -211,7 +211,7 @@ def evaluate_pending(run, pool, log):
                 (f": {report.fmt_result(done[key])}" if key not in index else ""))
         else:
             index[key] = i
-            tasks.append((compact, "search"))
+            tasks.append((compact, stage(0)))
     for entry in train(run, pool, tasks, 0):
         log(f"gen {run.generation:2d} cand {index[entry['key']] + 1:2d}/{len(run.pending)}  {entry['compact']}  "
             f"{report.describe(entry, pool.world)}  ~{star.duration(time_left(run, pool.world))} left in the search")
@@ -227,6 +227,11 @@ def train(run, pool, tasks, rung):
         with star.writing(path), open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         yield entry
+
+
+def stage(rung):
+    """The Evaluator's stage (workers.py) of a training at this rung."""
+    return f"rung {rung}" if rung else "search"
 
 
 def rung_sizes(s, n):
@@ -253,7 +258,7 @@ def train_at_rung(run, pool, log, rung, compacts):
     """Retrain the promoted models from scratch at the rung's budget (ours: each result is that of
     one training under the rung's own cosine schedule; README: "Successive halving")."""
     done = run.at_rung(rung)
-    tasks = [(c, f"rung {rung}") for c in compacts if model_key(c) not in done or done[model_key(c)].get("transient")]
+    tasks = [(c, stage(rung)) for c in compacts if model_key(c) not in done or done[model_key(c)].get("transient")]
     if tasks:
         log(f"gen {run.generation:2d} rung {rung}: {len(compacts)} of the generation's best continue to "
             f"{run.settings['rungs'][rung]} steps ({len(tasks)} to train)")
@@ -281,13 +286,12 @@ def run_baselines(run, pool, log):
     """Both baselines at the search's budget, and at each later rung ('name@steps'): every margin
     of the report is to them, at the budget of the result it is a margin of."""
     rungs = run.settings["rungs"]
-    names = {(c, r): name + (f"@{rungs[r]}" if r else "") for name, c in baseline_compacts(run).items()
-             for r in range(len(rungs))}
-    tasks = [(c, f"rung {r}" if r else "search") for (c, r), name in names.items() if name not in run.baselines]
-    for t, result, rank in pool.map(tasks):
-        rung = int(tasks[t][1][5:]) if tasks[t][1] != "search" else 0
-        entry, name = record(tasks[t][0], result, rank, rung=rung), names[tasks[t][0], rung]
-        run.baselines[name] = entry
+    todo = [(name + (f"@{rungs[r]}" if r else ""), c, r) for name, c in baseline_compacts(run).items()
+            for r in range(len(rungs))]
+    todo = [t for t in todo if t[0] not in run.baselines]
+    for t, result, rank in pool.map([(c, stage(r)) for _, c, r in todo]):
+        name, compact, rung = todo[t]
+        run.baselines[name] = entry = record(compact, result, rank, rung=rung)
         run.save()
         log(f"baseline {name:16s} {report.describe(entry, pool.world)}")
 
