@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+import config
 import genome as gn
 import liv
 import star
@@ -134,10 +135,10 @@ def peak_tflops(device, override=None):
 
 def make_model(args, device):
     """The genome at the preset's width, heads and depth (or the flags'), checked before it is built."""
-    preset = dataclasses.replace(star.PRESETS[star.preset_name(args.preset)], seq_len=args.max_len, chunk=args.chunk)
+    preset = dataclasses.replace(config.PRESETS[config.preset_name(args.preset)], seq_len=args.max_len, chunk=args.chunk)
     preset = dataclasses.replace(preset, **{k: getattr(args, k) for k in ("width", "heads", "n_livs") if getattr(args, k)})
-    g = star.genome_from_args(args, preset.n_livs)
-    star.check_preset(preset, g)
+    g = config.genome_from_args(args, preset.n_livs)
+    config.check_preset(preset, g)
     torch.manual_seed(0)
     return star.build_model(g, preset, args.vocab_size).to(device)
 
@@ -242,7 +243,7 @@ def train(args):
     if args.compile_model:  # the whole model as one graph (for comparison: the search compiles blocks)
         step_fn = compiled(model, True, "train")
     elif args.compile:  # compiled residual blocks, as the search trains them
-        step_fn = star.maybe_compile(model, dataclasses.replace(star.PRESETS["tiny"], compile=True),
+        step_fn = star.maybe_compile(model, dataclasses.replace(config.PRESETS["tiny"], compile=True),
                                      lambda s: print(f"train:{s}"))
     else:
         step_fn = model
@@ -320,11 +321,11 @@ def candidates(args):
     compiled whole (the ceiling per-block compilation is held to)."""
     device, rng = torch.device(args.device), np.random.default_rng(args.seed)
     star.COMPILE_BACKEND = args.backend
-    preset = dataclasses.replace(star.PRESETS[star.preset_name(args.preset)], steps=args.steps, compile=True,
+    preset = dataclasses.replace(config.PRESETS[config.preset_name(args.preset)], steps=args.steps, compile=True,
                                  **{k: getattr(args, k) for k in ("width", "heads", "n_livs", "seq_len", "batch_size")
                                     if getattr(args, k) is not None})
     corpus = star.Corpus().check(preset)
-    yardstick, _ = whole_model_tokens_per_second(gn.baseline("transformer++", preset.n_livs // 2 * 2), preset, device, args)
+    yardstick, _ = whole_model_tokens_per_second(gn.baseline("transformer++", gn.baseline_depth(preset.n_livs)), preset, device, args)
     print(f"Transformer++ compiled whole: {yardstick:,.0f} tokens/s ({preset.batch_size} x {preset.seq_len}, "
           f"width {preset.width}, {preset.n_livs} LIVs, {device})", flush=True)
     star.warm_up(preset, corpus, device, log=lambda s: print(s, flush=True))
@@ -425,8 +426,8 @@ def dtype_of(args):
 
 
 def parse_args(argv):
-    number = star.number
-    p = star.Parser(description=__doc__.split("\n")[0])
+    number = config.number
+    p = config.Parser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="{latency,train,ops,suite,candidates}")
     helps = {"latency": "prefill and per-token decode time, per LIV class", "train": "training tokens/s, memory, MFU",
              "ops": "every LIV class against SDPA attention", "suite": "the prepared GPU measurements in one call",
@@ -488,16 +489,16 @@ def parse_args(argv):
 
 def check_args(args):
     """What argparse cannot check, before any work: device, output paths, suite sections, shapes."""
-    args.device = star.resolve_device(args.device)
+    args.device = config.resolve_device(args.device)
     if getattr(args, "trace", None):
-        star.output_file(args.trace, "trace")
+        config.output_file(args.trace, "trace")
     if args.command == "suite":
         unknown = set(args.only.split(",")) - set(SECTIONS) if args.only is not None else set()
         if unknown:
             raise ValueError(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-        star.output_dir(args.out, "search output directory")
+        config.output_dir(args.out, "search output directory")
     if args.command == "ops":
-        star.check_preset(dataclasses.replace(star.PRESETS["tiny"], width=args.width, heads=args.heads,
+        config.check_preset(dataclasses.replace(config.PRESETS["tiny"], width=args.width, heads=args.heads,
                                               seq_len=args.seq_len, chunk=args.chunk))
 
 
@@ -507,7 +508,7 @@ def main(argv=None):
         check_args(args)
         {"latency": latency, "train": train, "ops": ops, "suite": suite, "candidates": candidates}[args.command](args)
     except ValueError as e:
-        star.fail(e)
+        config.fail(e)
 
 
 if __name__ == "__main__":

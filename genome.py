@@ -90,6 +90,17 @@ def feature_leader(g, i):
     return _leader(g, i, FT_GROUP, FT_STRATEGY)
 
 
+def sharing_cell(g, i, what):
+    """How LIV i shares, for tables: its featurizer ('weights') or its computed features
+    ('features'): 'weights of LIV 3', 'B, V of LIV 3', 'leads' (a later LIV shares from it) or 'own'."""
+    leader_of = featurizer_leader if what == "weights" else feature_leader
+    leader = leader_of(g, i)
+    if leader is not None:
+        shared = "weights" if what == "weights" else ", ".join(FEATURE_SHARING[g[i][FT_STRATEGY]])
+        return f"{shared} of LIV {leader + 1}"
+    return "leads" if any(leader_of(g, j) == i for j in range(len(g))) else "own"
+
+
 def _leader(g, i, group, strategy):
     leader = int(g[i][group]) - 1
     return leader if g[i][strategy] > 1 and leader != i else None
@@ -400,6 +411,11 @@ BASELINES = {
     "striped-mamba": ("Rec-1", "GMemless", "Rec-1", "GMemless", "SA-1", "GMemless"),
     "striped-hyena": ("GConv-2", "GMemless", "GConv-2", "GMemless", "SA-1", "GMemless"),
 }
+
+
+def baseline_depth(n_livs):
+    """The baselines' depth beside candidates of n_livs: the nearest even depth at or below, >= 2."""
+    return max(2, n_livs // 2 * 2)
 
 
 def baseline(name, n_livs=24):

@@ -7,13 +7,16 @@ here is built the same way:
     y_heads  = mixer(features)          # the token-mixing structure of T
     y        = out_proj(y_heads)        # channel mixing back to width d
 
-and the four token-mixing structures are the four mixers below:
+and the four token-mixing structures of the paper are the mixers below, with two of ours beside
+them (sliding-window attention, the gated delta rule):
 
     diagonal (1)                 GatedMixer      SwiGLU: T_ii = silu(C_i)            GMemless
     low-rank (2)                 AttentionMixer  T_ij = softmax(C_i B_j^T)           SA-1..SA-4
+                                                 same, banded |i - j| < w            SWA-1
     scaled Toeplitz (3)          ShortConvMixer  T_ij = C_i K_(i-j) B_j, |K| = 3     GConv-1
                                  LongConvMixer   same, implicit K of length l (FFT)  GConv-2
     semi-separable (4)           RecurrenceMixer T_ij = C_i A_(i-1)...A_(j+1) B_j    Rec-1, Rec-2
+                                 DeltaMixer      the gated delta rule (DeltaNet)     Delta-1
 
 A differential LIV (X-Diff) runs two mixers on separate C/B (and A) features with a shared V and
 returns y1 - lambda * y2 with lambda learned per head, then a per-head RMSNorm.
@@ -63,6 +66,15 @@ class LIVConfig:
     def hidden(self):
         """SwiGLU hidden width: expansion * d rounded to a multiple of 64 (ours: as in Llama)."""
         return max(64, 64 * round(self.expansion * self.width / 64))
+
+    def check(self):
+        """The one rule on shapes: heads of an even size (RoPE rotates pairs), and for attention
+        K/V heads that divide the heads. A ValueError says which fails."""
+        if self.width % self.heads or self.head_dim % 2:
+            raise ValueError(f"width {self.width} must split into {self.heads} heads of an even size")
+        if self.mixer == "attention" and self.heads % self.kv_heads:
+            raise ValueError(f"would have {self.kv_heads} K/V heads, which do not divide {self.heads} heads")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,7 +613,7 @@ class LIV(nn.Module):
 
     def __init__(self, cfg, featurizer_from=None, shared_groups=()):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg.check()
         self.copies = 2 if cfg.diff else 1
         self.mixers = nn.ModuleList(MIXERS[cfg.mixer](cfg) for _ in range(self.copies))
         self.shared_groups = tuple(shared_groups)

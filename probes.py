@@ -122,15 +122,10 @@ TASKS = {t.name: t for t in (
     Task("memorization", memorization, 1024, 32, 60, 32, 3e-3),
 )}
 # MAD's own sizes (Poli et al. 2024: recall over 128 tokens, 16 tokens copied out of 256), for the gpu
-# preset; the budgets are the tiny ones, not yet tuned on a GPU. Memorization keeps its table.
+# preset (config.PROBES); the budgets are the tiny ones, not yet tuned on a GPU. Memorization keeps its table.
 MAD_TASKS = {**TASKS,
              "recall": dataclasses.replace(TASKS["recall"], seq_len=128, sizes={"seq_len": 128}),
              "noisy_recall": dataclasses.replace(TASKS["noisy_recall"], seq_len=128, sizes={"seq_len": 128}),
              "selective_copy": dataclasses.replace(TASKS["selective_copy"], seq_len=256,
                                                    sizes={"seq_len": 256, "n_copy": 16})}
-
-
-def tasks_for(preset_name):
-    """The probes at a preset's sizes: ours (CPU-sized) for tiny, MAD's for gpu."""
-    return MAD_TASKS if preset_name == "gpu" else TASKS
 

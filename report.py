@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import config
 import genome as gn
 import probes
-import star
 
 
 @dataclass
@@ -53,9 +53,9 @@ def write_outputs(results, log=None):
     search_best, confirmed_best = best_genomes(results)
     best = confirmed_best or search_best
     if best:
-        star.atomic_write(os.path.join(results.out, "best_genome.json"), gn.to_json(best["genome"]))
+        config.write_file(os.path.join(results.out, "best_genome.json"), gn.to_json(best["genome"]))
     if confirmed_best and search_best and confirmed_best["key"] != search_best["key"]:
-        star.atomic_write(os.path.join(results.out, "search_best_genome.json"), gn.to_json(search_best["genome"]))
+        config.write_file(os.path.join(results.out, "search_best_genome.json"), gn.to_json(search_best["genome"]))
     try:
         figures = draw_figures(results)
     except ImportError:  # matplotlib is optional
@@ -94,7 +94,7 @@ def write_report(results, figures=()):
                                        ["No figures: `pip install matplotlib`, then `python evolve.py --resume "
                                         f"{r.out}` draws them."])
     lines += ["", "## Legend", ""] + gn.legend()
-    star.atomic_write(os.path.join(r.out, "report.md"), "\n".join(lines) + "\n")
+    config.write_file(os.path.join(r.out, "report.md"), "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,8 +351,7 @@ def draw_figures(r):
                 f"{key} after {s['confirm_steps']} steps ({s['confirm_seeds']} seed(s) from {s['seed'] + 1})")
         figures["confirmation"] = lambda p: plots.confirmation(points, rho, axes, p)
     for name, draw in figures.items():
-        with star.writing(os.path.join(r.out, name + ".png"), "figure"):
-            draw(os.path.join(r.out, name + ".png"))
+        config.write_file(os.path.join(r.out, name + ".png"), draw, "figure")
     return list(figures)
 
 

@@ -11,7 +11,6 @@ G is a genome JSON file or the compact form (genome.to_compact). A model is the 
 wrapper around the evolved backbone: embedding, x = x + LIV(RMSNorm(x)) per LIV, final RMSNorm,
 LM head (untied: see init_weights).
 """
-import argparse
 import contextlib
 import dataclasses
 import gzip
@@ -19,192 +18,20 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import config
 import genome as gn
 import liv
 import probes
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare.txt.gz")
-
-
-@dataclass
-class Preset:
-    """Model size and training budget of one candidate. Every field is a command-line flag."""
-    width: int = 64
-    heads: int = 4
-    n_livs: int = 8
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int = 60
-    lr: float = 3e-3
-    warmup: int = 6
-    eval_batches: int = 8
-    chunk: int = 64
-    compile: bool = False
-    seed: int = 0
-
-
-PRESETS = {
-    # CPU: 60 steps, so that the bare search with its 4x confirmation ends in ~10 minutes on 2 cores
-    # (a candidate trains at 0.1-0.25 s per step there). With 4 heads, SA-3's repeat factor 4 leaves
-    # one K/V head, as SA-4 (MQA) has: the two differ only from 8 heads on (8 cost ~25% more time).
-    "tiny": Preset(),
-    # One GPU: thin-deep proxies (paper section 5.3: full depth, reduced width), byte-level.
-    "gpu": Preset(width=256, heads=8, n_livs=24, seq_len=1024, batch_size=32, steps=2000, lr=1e-3,
-                  warmup=200, eval_batches=32, compile=True),
-}
-
-# ---------------------------------------------------------------------------------------------
-# Input checks, one place per kind of input: numbers (here), files (here), genome values
-# (genome.as_array), search checkpoints (evolve.check_state). Each refusal is one line.
-
-INT_MAX = 2**31 - 1
-LIMITS = {  # every number any command takes: (lowest, highest); a float bound makes it a real number
-    "width": (2, 1 << 16), "heads": (1, 1 << 10), "n_livs": (1, 1 << 12), "seq_len": (2, 1 << 20),
-    "batch_size": (1, 1 << 20), "steps": (1, INT_MAX), "lr": (1e-9, 10.0), "warmup": (0, INT_MAX),
-    "eval_batches": (1, 1 << 20), "chunk": (1, 1 << 16), "seed": (0, 2**32 - 1), "vocab_size": (2, 1 << 16),
-    "threads": (1, 1 << 10), "tokens": (1, 1 << 20), "temperature": (1e-6, 1e6), "top_k": (1, 1 << 16),
-    "population": (2, 1 << 16), "generations": (1, 1 << 16), "mutation": (0.0, 1.0), "reps": (1, 1 << 20),
-    "prompt_len": (1, 1 << 20), "decode_tokens": (1, 1 << 20), "batch": (1, 1 << 20), "max_len": (2, 1 << 20),
-    "peak_tflops": (1e-3, 1e7), "confirm_steps": (0, INT_MAX), "confirm_top": (1, 1 << 10), "genomes": (1, 1 << 16),
-    "confirm_seeds": (1, 1 << 10), "rank_check": (0, 1 << 10), "confirm_n_livs": (1, 1 << 12), "confirm_width": (2, 1 << 16),
-    "lease": (1.0, 1e6),
-}
-
-
-def check_number(name, value):
-    """value if it is a finite number of the right kind inside LIMITS[name]; else ValueError."""
-    lo, hi = LIMITS[name]
-    integral = isinstance(lo, int) and isinstance(hi, int)
-    kinds = int if integral else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:  # NaN fails too
-        raise ValueError(f"{value!r} is not {'an integer' if integral else 'a number'} in {lo}..{hi}")
-    return value
-
-
-def number(name):
-    """The argparse type of a numeric flag: parsed, then held to LIMITS (one line if not)."""
-    integral = all(isinstance(b, int) for b in LIMITS[name])
-
-    def parse(text):
-        try:
-            value = int(text) if integral else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if integral else 'a number'}") from None
-        try:
-            return check_number(name, value)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
-
-
-def check_preset(preset, genome=None):
-    """Every preset field in range, and shapes that every class of the genome (of the catalogue
-    when no genome is given: a search may meet any class) can be built with."""
-    for f in dataclasses.fields(Preset):
-        value = getattr(preset, f.name)
-        if f.name in LIMITS:
-            try:
-                check_number(f.name, value)
-            except ValueError as e:
-                raise ValueError(f"--{f.name.replace('_', '-')}: {e}") from None
-        elif not isinstance(value, bool):
-            raise ValueError(f"--{f.name}: {value!r} is not true or false")
-    w, h = preset.width, preset.heads
-    if w % h or (w // h) % 2:
-        raise ValueError(f"--width {w} must split into {h} heads of an even size")
-    classes = gn.CATALOGUE if genome is None else [gn.lookup(row) for row in genome]
-    for cls in classes:
-        kv = liv.LIVConfig(heads=h, **{k: v for k, v in cls.featurizer.items() if k == "kv_repeat"}).kv_heads
-        if cls.mixer == "attention" and h % kv:
-            raise ValueError(f"--heads {h}: {cls.name} would have {kv} K/V heads, which do not divide {h} heads")
-    return preset
-
-
-def field(obj, key, kinds, where):
-    """obj[key] if it is one of kinds (a bool is no int here); else a ValueError naming the field."""
-    if not isinstance(obj, dict) or key not in obj:
-        raise ValueError(f"{where}: no field '{key}'")
-    value = obj[key]
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-        raise ValueError(f"{where}.{key} is {str(value)[:40]!r}, not {names}")
-    return value
-
-
-def input_file(path, what):
-    """path if it is a readable regular file; else one line naming it and the problem."""
-    if not os.path.exists(path):
-        raise ValueError(f"{what} not found: {path}")
-    if not os.path.isfile(path):
-        raise ValueError(f"{what} {path} is not a regular file")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"{what} {path} is not readable")
-    return path
-
-
-def output_file(path, what):
-    """Refuse, before any work, an output file that cannot be written: it is opened for appending."""
-    existed = os.path.exists(path)
-    try:
-        with open(path, "ab"):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot write {what} {path}: {(e.strerror or str(e)).lower()}") from None
-    if not existed:
-        os.remove(path)
-    return path
-
-
-def output_dir(path, what="output directory"):
-    """Create a directory for outputs and prove it writable, or one line saying why not."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot use {what} {path}: {(e.strerror or str(e)).lower()}") from None
-    return path
-
-
-@contextlib.contextmanager
-def writing(path, what="file"):
-    """Around a write: an OSError (a full device, no permission, a directory in the way) becomes
-    one line naming the file (a ValueError, refused as every bad input is)."""
-    try:
-        yield
-    except OSError as e:
-        raise ValueError(f"cannot write {what} {path}: {(e.strerror or str(e)).lower()}") from None
-
-
-def atomic_write(path, text):
-    """Write then rename: a kill at any moment leaves either the old or the new file."""
-    tmp = path + ".tmp"
-    with writing(path):
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def fail(message):
-    """The one way a command refuses: one line on stderr, exit code 1."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 # Paper (section 6 of the spec): AdamW betas (0.9, 0.95), weight decay 0.1, clip 1.0, cosine.
@@ -224,8 +51,6 @@ class Model(nn.Module):
         problems = gn.validate(self.genome)
         if problems:
             raise ValueError("invalid genome: " + "; ".join(problems))
-        if width % heads or (width // heads) % 2:
-            raise ValueError(f"width {width} must split into {heads} heads of an even size")
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, width)
         self.norms = nn.ModuleList(nn.RMSNorm(width, eps=1e-6) for _ in self.genome)
@@ -415,7 +240,7 @@ class Corpus:
 
     @staticmethod
     def read(path, vocab_size):
-        input_file(path, "data file")
+        config.input_file(path, "data file")
         size = os.path.getsize(path)
         if path.endswith(".bin"):
             if not vocab_size:
@@ -669,10 +494,10 @@ def save_checkpoint(path, model, preset, corpus):
 
 
 def load_checkpoint(path, device="cpu"):
-    input_file(path, "checkpoint")
+    config.input_file(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        preset = Preset(**ckpt["preset"])
+        preset = config.Preset(**ckpt["preset"])
         model = build_model(ckpt["genome"], preset, ckpt["vocab_size"])
         model.load_state_dict(ckpt["state_dict"])
     except Exception as e:  # noqa: BLE001
@@ -681,253 +506,84 @@ def load_checkpoint(path, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
-
-PRESET_HELP = {"width": "model width", "heads": "attention (and recurrence) heads", "n_livs": "LIVs in depth",
-               "seq_len": "training sequence length", "batch_size": "sequences per step",
-               "steps": "training steps per model", "lr": "peak learning rate", "warmup": "warm-up steps",
-               "eval_batches": "validation batches", "chunk": "chunk length of the chunked recurrence",
-               "compile": "compile residual blocks with torch.compile", "seed": "data order and initialisation seed"}
-
-
-def add_preset_args(parser):
-    """--preset plus one override flag per Preset field (--width, --steps, --lr, ...)."""
-    parser.add_argument("--preset", default="auto", help="tiny, gpu, or auto: gpu when CUDA is available, else tiny")
-    for f in dataclasses.fields(Preset):
-        values = ", ".join(f"{name} {getattr(p, f.name)}" for name, p in PRESETS.items())
-        kind = ({"action": argparse.BooleanOptionalAction} if f.type in (bool, "bool")
-                else {"type": number(f.name), "metavar": "N"})
-        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{PRESET_HELP[f.name]} ({values})",
-                            **kind)
-
-
-def preset_name(name):
-    """A preset's name with 'auto' resolved: gpu when CUDA is available, else tiny."""
-    if name == "auto":
-        return "gpu" if torch.cuda.is_available() else "tiny"
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
-    return name
-
-
-def preset_from_args(args, name=None):
-    """The named preset with the command line's overrides (checked by check_preset once the genome is known)."""
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset) if getattr(args, f.name) is not None}
-    return dataclasses.replace(PRESETS[preset_name(name or args.preset)], **overrides)
-
-
-def resolve_device(name):
-    """'auto' -> cuda when available, else cpu; a device this machine cannot provide is refused."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}, but CUDA is not available")
-    return name
-
-
-def genome_from_args(args, n_livs):
-    if args.baseline:
-        return gn.baseline(args.baseline, n_livs)
-    g = gn.load(args.genome)
-    problems = gn.validate(g)
-    if problems:
-        raise ValueError(f"invalid genome: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return g
-
-
-def budget_note(corpus, preset):
-    """What one model's training budget reads, and a warning when it reads the train split more than once."""
-    tokens, passes = preset.steps * preset.batch_size * preset.seq_len, corpus.passes(preset)
-    note = (f"budget per model: {preset.steps} steps of {preset.batch_size} x {preset.seq_len} = {tokens:,} tokens, "
-            f"{passes:.2f} passes over the train split ({len(corpus.train):,} tokens)")
-    if passes > 1:
-        note += ("\nwarning: more than one pass over the train split: models are ranked partly by how they "
-                 "memorise it; bring a larger corpus (data/prepare.py)")
-    return note
-
-
-def sharing_cell(g, i, leader_of, what=""):
-    """'B, V of LIV 3' (follows LIV 3), 'leads' (a later LIV shares from it) or 'own'."""
-    leader = leader_of(g, i)
-    if leader is not None:
-        return f"{what} of LIV {leader + 1}".strip()
-    return "leads" if any(leader_of(g, j) == i for j in range(len(g))) else "own"
-
-
-def show(genome, preset, vocab_size=256):
-    model = build_model(genome, preset, vocab_size)
-    g = model.genome
-    print(f"{gn.summary(g)}\n{'#':>3}  {'class':<13}{'featurizer':<12}{'features':<14}{'params':>10}{'cache (bf16)':>14}")
-    for i, layer in enumerate(model.livs):
-        fz = sharing_cell(g, i, gn.featurizer_leader, "weights")
-        ft = sharing_cell(g, i, gn.feature_leader, ", ".join(gn.FEATURE_SHARING[g[i, gn.FT_STRATEGY]]))
-        print(f"{i + 1:>3}  {gn.lookup(g[i]).name:<13}{fz:<12}{ft:<14}{layer.param_count():>10,}"
-              f"{layer.cache_bytes(1, preset.seq_len, 2):>14,}")
-    total, non_emb = param_counts(model)
-    print(f"total: {total:,} parameters ({non_emb:,} without embeddings), "
-          f"cache {cache_bytes(model, preset.seq_len):,} bytes at {preset.seq_len} tokens")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default in --help, unless it has none (None, or off)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit code 1 (not a usage block and code 2)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        fail(message)
-
-    def parse_args(self, args=None, namespace=None):
-        """As argparse, and an empty value (--out '') is refused, not taken as 'not given'."""
-        parsed = super().parse_args(args, namespace)
-        for key, value in vars(parsed).items():
-            if value == "" or (isinstance(value, list) and "" in value):
-                fail(f"--{key.replace('_', '-')}: empty value (leave the flag out for its default)")
-        return parsed
-
-
-def add_genome_source(p, baseline_note=""):
-    """The --genome / --baseline pair every genome-reading command takes (exactly one)."""
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--genome", help="genome JSON file or compact form, e.g. 1.1.1.1.1-9.2.1.2.1")
-    source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}{baseline_note}")
-
-
-def add_common_args(p, data=True, genome=True, device=True):
-    """What every command that builds a model takes: the genome, the preset, the data, the device."""
-    if genome:
-        add_genome_source(p)
-    add_preset_args(p)
-    if data:
-        p.add_argument("--data", help="a .txt (bytes) or .bin (uint16 tokens) file; default: embedded Shakespeare")
-        p.add_argument("--vocab-size", type=number("vocab_size"), help="vocabulary of a .bin token file")
-    if device:
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-
-
-def add_train_args(p):
-    add_common_args(p)
-    p.add_argument("--save", help="write the trained model to this checkpoint file")
-
-
-def add_show_args(p):
-    add_common_args(p, device=False)
-    p.add_argument("--plot", help="also draw the architecture to this PNG file (needs matplotlib)")
-
-
-def add_probe_args(p):
-    add_common_args(p, data=False)
-    p.add_argument("--tasks", default=None, help=f"comma-separated: {', '.join(probes.TASKS)} (default: all)")
-
-
-def add_scale_args(p):
-    add_genome_source(p, " (at --n-livs directly)")
-    p.add_argument("--n-livs", type=number("n_livs"), required=True, help="the new depth, a multiple of the genome's")
-    p.add_argument("--how", choices=["stack", "stretch"], default="stack", help="Composer's two extrapolations")
-    p.add_argument("--out", help="write the genome to this JSON file (default: print it)")
-
-
-def add_sample_args(p):
-    p.add_argument("--checkpoint", required=True, help="a file written by star.py train --save")
-    p.add_argument("--prompt", default="\n", help="text, or space-separated token ids for a token model")
-    p.add_argument("--tokens", type=number("tokens"), default=None,
-                   help="tokens to generate (default 200, or what a long-convolution model's filter has room for)")
-    p.add_argument("--temperature", type=number("temperature"), default=0.8, help="sampling temperature")
-    p.add_argument("--top-k", type=number("top_k"), default=None, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=number("seed"), default=0, help="sampling seed")
+# Command line: the flags and every check of their values are config.py's (star_parser)
 
 
 def checked_genome(args):
     """The command's preset and genome, checked against each other."""
-    preset = preset_from_args(args)
-    g = genome_from_args(args, preset.n_livs)
-    return check_preset(preset, g), g
+    preset = config.preset_from_args(args)
+    g = config.genome_from_args(args, preset.n_livs)
+    return config.check_preset(preset, g), g
 
 
 def train_command(args):
     preset, g = checked_genome(args)
-    device = resolve_device(args.device)
+    device = config.resolve_device(args.device)
     if args.save:
-        output_file(args.save, "checkpoint")
+        config.output_file(args.save, "checkpoint")
     corpus = Corpus(args.data, args.vocab_size).check(preset)
-    print(f"training {gn.summary(g)} ({len(g)} LIVs) on {device}, preset {preset_name(args.preset)}\n"
-          f"{budget_note(corpus, preset)}", flush=True)
+    print(f"training {gn.summary(g)} ({len(g)} LIVs) on {device}, preset {config.preset_name(args.preset)}\n"
+          f"{config.budget_note(preset, len(corpus.train))}", flush=True)
     result = train_candidate(g, corpus, preset, device, log=lambda s: print(s, flush=True), save=args.save)
     print(json.dumps({"genome": gn.to_compact(g), **result}))
     if result["status"] != "ok":
-        fail(f"training failed: {result.get('error')}")
+        config.fail(f"training failed: {result.get('error')}")
 
 
 def show_command(args):
+    """Each LIV's class, sharing, parameters and cache; the architecture drawn too with --plot."""
     preset, g = checked_genome(args)
-    plot = args.plot and output_file(args.plot, "plot")
-    show(g, preset, args.vocab_size or 256)
+    plot = args.plot and config.output_file(args.plot, "plot")
+    if plot and not plot.lower().endswith(".png"):
+        raise ValueError(f"--plot {plot}: the architecture is drawn as a PNG; name the file .png")
+    model = build_model(g, preset, args.vocab_size or 256)
+    print(f"{gn.summary(g)}\n{'#':>3}  {'class':<13}{'featurizer':<12}{'features':<14}{'params':>10}{'cache (bf16)':>14}")
+    for i, layer in enumerate(model.livs):
+        print(f"{i + 1:>3}  {gn.lookup(g[i]).name:<13}{gn.sharing_cell(g, i, 'weights'):<12}"
+              f"{gn.sharing_cell(g, i, 'features'):<14}{layer.param_count():>10,}{layer.cache_bytes(1, preset.seq_len, 2):>14,}")
+    total, non_emb = param_counts(model)
+    print(f"total: {total:,} parameters ({non_emb:,} without embeddings), "
+          f"cache {cache_bytes(model, preset.seq_len):,} bytes at {preset.seq_len} tokens")
     if plot:
         try:
             import plots  # matplotlib is optional
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
-        with writing(plot, "plot"):
-            plots.architecture([(gn.summary(g)[:40], g)], plot)
+        config.write_file(plot, lambda f: plots.architecture([(gn.summary(g)[:40], g)], f), "plot")
         print(f"architecture drawn to {plot}")
 
 
-PROBE_OWN = ("seq_len", "steps", "batch_size", "lr", "warmup", "eval_batches")  # each probes.Task sets these
-
-
 def probe_command(args):
-    given = [f"--{k.replace('_', '-')}" for k in PROBE_OWN if getattr(args, k) is not None]
-    if given:
-        raise ValueError(f"{', '.join(given)}: each probe task sets its own length and budget (probes.TASKS); "
-                         "probe takes the model's --width, --heads, --n-livs, --chunk and --seed")
     preset, g = checked_genome(args)
-    known = probes.tasks_for(preset_name(args.preset))
-    tasks = args.tasks.split(",") if args.tasks else list(known)
-    unknown = set(tasks) - set(known)
-    if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
-    result = probe(g, preset, resolve_device(args.device), [known[t] for t in tasks], log=lambda s: print(s, flush=True))
+    tasks = config.probe_tasks(args)
+    result = probe(g, preset, config.resolve_device(args.device), tasks, log=lambda s: print(s, flush=True))
     print(json.dumps({"genome": gn.to_compact(g), **result}))
     if result["status"] != "ok":
-        fail(result["error"])
+        config.fail(result["error"])
 
 
 def scale_command(args):
-    out = args.out and output_file(args.out, "genome file")
-    g = genome_from_args(args, args.n_livs)
+    out = args.out and config.output_file(args.out, "genome file")
+    g = config.genome_from_args(args, args.n_livs)
     g = gn.scale(g, args.n_livs, args.how) if args.genome else g
     if out:
-        atomic_write(out, gn.to_json(g) + "\n")
+        config.write_file(out, gn.to_json(g) + "\n", "genome file")
     print(f"{gn.summary(g)}\n{gn.to_compact(g)}" + (f"\nwritten to {out}" if out else ""))
 
 
 def compile_command(args):
-    preset = check_preset(dataclasses.replace(preset_from_args(args), compile=True))
-    device = resolve_device(args.device)
+    preset = config.check_preset(dataclasses.replace(config.preset_from_args(args), compile=True))
+    device = config.resolve_device(args.device)
     corpus = Corpus(args.data, args.vocab_size).check(preset)
     graphs, _ = warm_up(preset, corpus, device, log=lambda s: print(s, flush=True))
     print(f"compiled code is cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
     if not graphs:
-        fail("no graph was compiled (the compile backend failed: see above)")
+        config.fail("no graph was compiled (the compile backend failed: see above)")
 
 
 def sample_command(args):
     model, preset = load_checkpoint(args.checkpoint)
-    prompt = prompt_ids(model, args.prompt)
+    prompt = config.prompt_ids(args.prompt, model.embed.num_embeddings)
     room = preset.seq_len - len(prompt) if any(layer.cfg.mixer == "long_conv" for layer in model.livs) else 200
     tokens = args.tokens or min(200, room)
     if tokens > room:
@@ -937,49 +593,20 @@ def sample_command(args):
     print(bytes(out).decode("utf-8", errors="replace") if model.embed.num_embeddings == 256 else " ".join(map(str, out)))
 
 
-COMMANDS = {  # name: (what it does, its flags, what it runs)
-    "train": ("train one architecture, print its validation perplexity", add_train_args, train_command),
-    "show": ("list an architecture's LIVs, sharing, parameters and cache", add_show_args, show_command),
-    "sample": ("generate text from a checkpoint written by train --save", add_sample_args, sample_command),
-    "probe": ("train a fresh model of the genome on each capability probe (MAD's synthetic tasks)",
-              add_probe_args, probe_command),
-    "scale": ("extrapolate a genome to a multiple of its depth: stack repeats it whole, stretch repeats each LIV",
-              add_scale_args, scale_command),
-    "compile": ("compile every residual-block variant of the catalogue once, print how many graphs that is",
-                lambda p: add_common_args(p, genome=False), compile_command),
-}
+COMMANDS = {"train": train_command, "show": show_command, "sample": sample_command, "probe": probe_command,
+            "scale": scale_command, "compile": compile_command}
 
 
 def main(argv=None):
-    parser = Parser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    for name, (what, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=what, description=what))
+    parser = config.star_parser(__doc__.split("\n")[0])
     args = parser.parse_args(argv)
     if args.command is None:  # no command: list them
         parser.print_help(sys.stderr)
         sys.exit(1)
     try:
-        COMMANDS[args.command][2](args)
+        COMMANDS[args.command](args)
     except ValueError as e:
-        fail(e)
-
-
-def prompt_ids(model, text):
-    """The prompt as token ids: UTF-8 bytes for a byte model, space-separated ids for a token model."""
-    vocab = model.embed.num_embeddings
-    if vocab == 256:
-        prompt = list(text.encode("utf-8"))
-    else:
-        try:
-            prompt = [int(t) for t in text.split()]
-        except ValueError:
-            prompt = [-1]
-        if not all(0 <= t < vocab for t in prompt):
-            raise ValueError(f"this model reads tokens: --prompt is space-separated ids below {vocab}")
-    if not prompt:
-        raise ValueError("--prompt is empty")
-    return prompt
+        config.fail(e)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Tests: every operator against an independent reference, the genome's invariants, the model's
 exact formulas, the search against known fronts, and the command lines. Run: python -m pytest -q"""
 import dataclasses
+import importlib.util
 import io
 import itertools
 import json
@@ -15,12 +16,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import config
 import genome as gn
 import liv
 import star
 
 CLASS_NAMES = [c.name for c in gn.CATALOGUE]
-TINY = dataclasses.replace(star.PRESETS["tiny"], width=32, heads=4, n_livs=4, seq_len=32, batch_size=4,
+TINY = dataclasses.replace(config.PRESETS["tiny"], width=32, heads=4, n_livs=4, seq_len=32, batch_size=4,
                            steps=8, warmup=2, eval_batches=2, chunk=8)
 
 
@@ -485,6 +487,7 @@ def test_star_cli_train_show_sample(tmp_path):
 import bench  # noqa: E402
 import evolve  # noqa: E402
 import report  # noqa: E402
+import runs  # noqa: E402
 
 
 def test_non_dominated_sort_hand_worked():
@@ -503,7 +506,8 @@ def test_crowding_distance_hand_worked():
 
 def test_survivors_single_objective_keeps_two_elites_then_children():
     parents, children = np.array([[1.0], [2.0], [9.0]]), np.array([[5.0], [3.0], [8.0]])
-    assert evolve.survivors(parents, children, 3) == [0, 1, 4]  # elites 1, 2; best child 3
+    rank, crowd = evolve.rank_and_crowding(np.concatenate([parents, children]))
+    assert evolve.survivors(rank, crowd, 3, len(parents), True) == [0, 1, 4]  # elites 1, 2; best child 3
 
 
 def test_nsga2_reaches_the_true_front_of_an_integer_problem():
@@ -527,8 +531,8 @@ def test_nsga2_reaches_the_true_front_of_an_integer_problem():
 
     pop = [rng.integers(0, 21, 4) for _ in range(24)]
     for _ in range(60):
-        children = evolve.make_children(pop, objectives(pop), 24, rng, crossover, mutate)
-        keep = evolve.survivors(objectives(pop), objectives(children), 24)
+        children = evolve.make_children(pop, *evolve.rank_and_crowding(objectives(pop)), 24, rng, crossover, mutate)
+        keep = evolve.survivors(*evolve.rank_and_crowding(objectives(pop + children)), 24, len(pop), False)
         pop = [(pop + children)[i] for i in keep]
     F = objectives(pop)
     front = F[evolve.non_dominated_sort(F)[0]]
@@ -617,7 +621,7 @@ def as_version_2(path):
 def test_imports_run_one_way():
     """Each top-level module imports only modules below it (inside functions too): no circle."""
     import ast
-    order = ["liv", "genome", "probes", "plots", "star", "bench", "report", "workers", "evolve"]
+    order = ["liv", "genome", "probes", "plots", "config", "star", "bench", "report", "workers", "runs", "evolve"]
     assert sorted(order) == sorted(p[:-3] for p in os.listdir(".") if p.endswith(".py") and not p.startswith("test_"))
     for level, name in enumerate(order):
         imported = set()
@@ -732,7 +736,7 @@ def test_bench_train_compiles(capsys):
 
 
 def test_flop_count_matches_the_standard_formula():
-    preset = dataclasses.replace(star.PRESETS["tiny"], width=768, heads=12, n_livs=24, seq_len=1024)
+    preset = dataclasses.replace(config.PRESETS["tiny"], width=768, heads=12, n_livs=24, seq_len=1024)
     model = star.build_model(gn.baseline("transformer++", 24), preset, vocab_size=50304)
     n = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()  # a lookup: no FLOPs
     standard = 6 * n + 12 * 12 * 768 * 1024  # 6N + 12 * layers * d * T (nanoGPT's estimate_mfu)
@@ -1006,7 +1010,7 @@ CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
     (lambda s: s["settings"]["preset"].update(colour=1), "settings.preset"),
     (lambda s: s["settings"].update(objective="speed"), "objective"),
     (lambda s: s["settings"].update(population=1), "--population"),
-    (lambda s: s["settings"].update(mutation=float("nan")), "--mutation"),
+    (lambda s: s["settings"].update(mutation=float("nan")), "settings.mutation is nan"),
     (lambda s: s["settings"].pop("seed"), "seed"),
     (lambda s: s.update(generation=-1), "generation"),
     (lambda s: s.update(generation="0"), "generation"),
@@ -1062,7 +1066,27 @@ CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
     (lambda s: s["settings"].update(rungs=[3, "6"]), "--rungs"),
     (lambda s: s["settings"].update(rungs=[]), "--rungs"),
     (lambda s: s["baselines"].update({"transformer++@6": s["baselines"]["transformer++"]}), "transformer++@6"),
+    (lambda s: s["evaluations"][0].update(probes={"recall": 0.9}, recall_error=float("nan")),
+     "evaluations[0].recall_error is nan"),  # NaN compares false: finiteness is checked first
+    (lambda s: s["evaluations"][0].update(probes={"recall": float("nan")}, recall_error=0.1), "probes.recall"),
+    (lambda s: s["settings"].update(objective="recall"), "needs the probes, but probes is off"),
 ]
+
+
+def test_a_full_device_is_one_line_never_a_file_reported_written(tmp_path, capsys):
+    """Every output goes through config.write_file, flushed (and synced) before "written": a
+    device with no space left (/dev/full, behind a name the commands accept) is one line, exit 1."""
+    full = tmp_path / "full.png"
+    full.symlink_to("/dev/full")
+    commands = [["scale", "--genome", "1.1.1.1.1-9.2.1.2.1", "--n-livs", "4", "--out", str(full)]]
+    if importlib.util.find_spec("matplotlib"):
+        commands.append(["show", "--baseline", "transformer++", "--plot", str(full)])
+    for argv in commands:
+        with pytest.raises(SystemExit) as stop:
+            star.main(argv)
+        out, err = capsys.readouterr()
+        assert stop.value.code == 1 and err.count("\n") == 1 and "no space left" in err, err
+        assert "written" not in out and "drawn" not in out and full.is_symlink()
 
 
 @pytest.mark.parametrize("damage,name", CHECKPOINT_DAMAGE, ids=[n for _, n in CHECKPOINT_DAMAGE])
@@ -1078,7 +1102,7 @@ def test_damaged_checkpoint_is_refused_at_start_naming_the_field(damage, name, f
 
 
 def test_undamaged_checkpoint_passes_the_schema(finished_run):
-    evolve.check_state(json.loads((finished_run / "checkpoint.json").read_text()))
+    runs.check_state(json.loads((finished_run / "checkpoint.json").read_text()))
 
 
 def test_save_failure_is_reported_and_exits_1(tmp_path, monkeypatch, capsys):
@@ -1202,13 +1226,13 @@ def test_time_left_counts_confirmation_models_without_their_probes():
     costing 2 x 2^2 as much: + 6 x 8 x 4 x 4."""
     from types import SimpleNamespace
     batch = [gn.to_compact(gn.random_genome(4, np.random.default_rng(i))) for i in range(4)]
-    entry = lambda c: {"key": evolve.model_key(c), "seconds": 10.0, "measure_seconds": 6.0}
-    run = SimpleNamespace(evaluations=[entry(batch[0])], baselines={b: entry(batch[0]) for b in evolve.SEARCH_BASELINES},
-                          pending=batch, at_rung=lambda r: {evolve.model_key(batch[0]): {}}, generation=0, confirmed={},
+    entry = lambda c: {"key": runs.model_key(c), "seconds": 10.0, "measure_seconds": 6.0}
+    run = SimpleNamespace(evaluations=[entry(batch[0])], baselines={b: entry(batch[0]) for b in config.SEARCH_BASELINES},
+                          pending=batch, at_rung=lambda r: {runs.model_key(batch[0]): {}}, generation=0, confirmed={},
                           settings={"generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3, "rungs": [10],
                                     "confirm_seeds": 2, "rank_check": 1, "confirm_n_livs": None, "confirm_width": None,
                                     "preset": {"steps": 10, "n_livs": 4, "width": 16}})
-    assert len(set(map(evolve.model_key, batch))) == 4
+    assert len(set(map(runs.model_key, batch))) == 4
     assert evolve.time_left(run) == pytest.approx(7 * 10 + 12 * 4 * 4)
     assert evolve.time_left(run, world=2) == pytest.approx((7 * 10 + 12 * 4 * 4) / 2)
     run.settings.update(confirm_n_livs=8, confirm_width=32)
@@ -1395,7 +1419,7 @@ def test_random_search_draws_no_child_by_crossover_or_mutation(tmp_path, monkeyp
     rng = np.random.default_rng(0)
     drawn = [gn.to_compact(gn.random_genome(2, rng)) for _ in range(8)]  # 2 generations of 4
     assert [e["compact"] for e in state["evaluations"]] == [c for i, c in enumerate(drawn)
-                                                              if evolve.model_key(c) not in map(evolve.model_key, drawn[:i])]
+                                                              if runs.model_key(c) not in map(runs.model_key, drawn[:i])]
     large = [e for e in state["confirmed"].values() if e["stage"] == "large"]
     assert len(large) == 6 and {len(e["genome"]) for e in large} == {4}
     text = (tmp_path / "report.md").read_text()
@@ -1465,9 +1489,9 @@ def test_report_says_how_to_get_figures_without_matplotlib(tmp_path, monkeypatch
 
 def fake_run(ppl, population, batch, objective="quality"):
     settings = {"objective": objective, "population": len(population) or len(batch), "seed": 0, "rungs": [60, 240]}
-    run = evolve.Run("unused", settings)
+    run = runs.Run("unused", settings)
     run.population, run.pending = population, batch
-    run.evaluations = [{"key": evolve.model_key(c), "status": "ok", "ppl": p, "compact": c, "rung": 0, "generation": 0}
+    run.evaluations = [{"key": runs.model_key(c), "status": "ok", "ppl": p, "compact": c, "rung": 0, "generation": 0}
                        for c, p in ppl.items()]
     return run
 
@@ -1475,12 +1499,12 @@ def fake_run(ppl, population, batch, objective="quality"):
 def test_survival_keeps_distinct_models():
     a, b, c, d = "1.1.1.1.1-9.2.1.2.1", "5.1.1.1.1-9.2.1.2.1", "7.1.1.1.1-9.2.1.2.1", "9.1.1.1.1-9.2.1.2.1"
     a_again = "1.1.2.1.1-9.2.1.2.1"  # a lone featurizer 'leader': the same model as a
-    assert evolve.model_key(a) == evolve.model_key(a_again)
+    assert runs.model_key(a) == runs.model_key(a_again)
     run = fake_run({a: 2.0, b: 5.0, c: 3.0, d: 4.0}, [a, b], [a_again, a, c, d])
     chosen = evolve.next_population(run)
-    assert len(chosen) == 2 and len({evolve.model_key(x) for x in chosen}) == 2 and a in chosen
+    assert len(chosen) == 2 and len({runs.model_key(x) for x in chosen}) == 2 and a in chosen
     run = fake_run({a: 1.0}, [], [a, a_again, a])  # fewer distinct models than places: duplicates fill them
-    assert sorted(map(evolve.model_key, evolve.next_population(run))) == [evolve.model_key(a)] * 3
+    assert sorted(map(runs.model_key, evolve.next_population(run))) == [runs.model_key(a)] * 3
 
 
 def test_selection_ranks_a_result_at_a_higher_rung_first():
@@ -1494,7 +1518,7 @@ def test_selection_ranks_a_result_at_a_higher_rung_first():
         run.evaluations.append({**run.evaluations[1], "ppl": 4.0, "rung": 1})
         assert evolve.next_population(run) == [b], objective
         assert [e["compact"] for e in evolve.ranking(run)] == [b, a, c]
-    assert evolve.survivors(np.array([[2.0]]), np.array([[5.0], [3.0]]), 2, np.array([0, 1, 0])) == [1, 0]
+        assert evolve.ranked(run, [a, b, c])[0].tolist() == [1, 0, 2]  # rung 1 first, then NSGA-II at rung 0
 
 
 def test_promotion_follows_the_rung_budgets():
@@ -1507,9 +1531,9 @@ RUNGS = ["--rungs", "3,6"]  # with search_args: --steps 3, population 4: the bes
 
 
 def test_the_confirmation_is_longer_than_the_last_rung_by_default():
-    settings = evolve.settings_from_args(evolve.parse_args(["--preset", "tiny", "--rungs", "60,240"]), print)
+    settings = runs.settings_from_args(runs.parse_args(["--preset", "tiny", "--rungs", "60,240"]), print)
     assert settings["preset"]["steps"] == 60 and settings["confirm_steps"] == 2 * 240
-    assert evolve.settings_from_args(evolve.parse_args(["--preset", "tiny"]), print)["confirm_steps"] == 2 * 60
+    assert runs.settings_from_args(runs.parse_args(["--preset", "tiny"]), print)["confirm_steps"] == 2 * 60
 
 
 def test_successive_halving_retrains_each_generations_best_at_the_next_rung(tmp_path):
@@ -1523,10 +1547,10 @@ def test_successive_halving_retrains_each_generations_best_at_the_next_rung(tmp_
         assert sum(e["rung"] == 1 for e in state["evaluations"] if e["generation"] == g) <= 2
     assert set(state["baselines"]) == {"transformer++", "striped-mamba", "transformer++@6", "striped-mamba@6"}
     e = next(e for e in state["evaluations"] if e["rung"] == 1)  # retrained from scratch under a 6-step schedule
-    preset = star.Preset(**{**state["settings"]["preset"], "steps": 6, "warmup": 2})
+    preset = config.Preset(**{**state["settings"]["preset"], "steps": 6, "warmup": 2})
     again = star.train_candidate(gn.from_compact(e["compact"]), star.Corpus(), preset, "cpu")
     assert again["ppl"] == pytest.approx(e["ppl"], rel=1e-6)
-    order = evolve.ranking(evolve.Run.load(str(tmp_path)))
+    order = evolve.ranking(runs.Run.load(str(tmp_path)))
     assert [(-x["rung"], x["ppl"]) for x in order] == sorted((-x["rung"], x["ppl"]) for x in order)
     text = (tmp_path / "report.md").read_text()
     assert "Rungs (successive halving" in text and "(6 steps)" in text
@@ -1584,9 +1608,10 @@ def test_progress_lines_while_a_model_trains(corpus, monkeypatch):
 
 def test_show_says_leads_only_for_a_liv_that_is_shared_from(capsys):
     lone = gn.repair([[1, 1, 2, 1, 1], [9, 2, 1, 2, 1]])  # strategy 2 but no follower
-    star.show(lone, TINY)
+    size = ["--width", "32", "--heads", "4", "--seq-len", "32"]
+    star.main(["show", "--genome", gn.to_compact(lone)] + size)
     assert "leads" not in capsys.readouterr().out
-    star.show(gn.repair([[1, 1, 2, 1, 2], [1, 1, 2, 1, 2]]), TINY)
+    star.main(["show", "--genome", gn.to_compact(gn.repair([[1, 1, 2, 1, 2], [1, 1, 2, 1, 2]]))] + size)
     out = capsys.readouterr().out
     assert out.count("leads") == 2 and "weights of LIV 1" in out and "B, V of LIV 1" in out
 
@@ -1742,12 +1767,12 @@ def test_a_transient_failure_is_retried_once_and_a_resume_retries_a_second_one(t
     """A simulated out-of-memory error in one candidate is retried at once and recorded ok; one that
     fails twice is recorded failed but transient, and the resume of the killed run trains it again."""
     rng, original = np.random.default_rng(0), star.build_model
-    drawn = [evolve.model_key(gn.to_compact(gn.random_genome(2, rng))) for _ in range(6)]  # the run's generation 0
+    drawn = [runs.model_key(gn.to_compact(gn.random_genome(2, rng))) for _ in range(6)]  # the run's generation 0
     distinct = list(dict.fromkeys(drawn))
     failures = {distinct[0]: 1, distinct[3]: 2}  # candidate 1 fails once, candidate 4 twice
 
     def failing(genome, *args, **kwargs):
-        key = evolve.model_key(gn.to_compact(genome))
+        key = runs.model_key(gn.to_compact(genome))
         if failures.get(key):
             failures[key] -= 1
             raise torch.OutOfMemoryError("simulated")
@@ -1880,8 +1905,8 @@ def test_task_answers_are_those_of_a_rule_based_solver():
 def test_gpu_preset_probes_at_mads_sizes():
     """Recall over 128 tokens and 16 tokens copied out of 256 (MAD's sizes) on the gpu preset, still
     answered as the rule-based solvers answer; the tiny preset keeps the CPU sizes."""
-    tasks, cpu = probes.tasks_for("gpu"), torch.device("cpu")
-    assert probes.tasks_for("tiny") is probes.TASKS
+    tasks, cpu = config.PROBES["gpu"], torch.device("cpu")
+    assert config.PROBES["tiny"] is probes.TASKS
     for name in ("recall", "noisy_recall"):
         x, y = (a.numpy() for a in next(tasks[name].batches("train", 1, 50, None, 0, cpu)))
         assert x.shape == (50, 128) == (50, tasks[name].seq_len)
@@ -1894,7 +1919,7 @@ def test_gpu_preset_probes_at_mads_sizes():
 def test_attention_recalls_in_context_where_short_convolutions_cannot():
     """MAD's finding: a Transformer++ learns in-context recall; a stack of 3-tap gated convolutions
     and MLPs cannot look up a key seen many tokens earlier (tiny preset, the probe's default task)."""
-    task, preset = probes.TASKS["recall"], star.PRESETS["tiny"]
+    task, preset = probes.TASKS["recall"], config.PRESETS["tiny"]
     convs = gn.repair([[gn.CLASS_INDEX["GConv-1" if i % 2 == 0 else "GMemless"], i + 1, 1, i + 1, 1] for i in range(8)])
     attention = star.train_candidate(gn.baseline("transformer++", 8), task, task.preset(preset), "cpu")
     short = star.train_candidate(convs, task, task.preset(preset), "cpu")
@@ -1936,7 +1961,7 @@ def test_quality_recall_search_records_probes_and_reports_them(tmp_path, monkeyp
 def test_delta_rule_recalls_in_context_far_above_short_convolutions(monkeypatch):
     """MAD's recall at the tiny sizes: a Delta-1 / GMemless stack against a GConv-1 / GMemless one."""
     monkeypatch.setattr(probes, "TASKS", {"recall": dataclasses.replace(probes.TASKS["recall"], steps=80)})
-    preset = dataclasses.replace(star.PRESETS["tiny"], n_livs=4)
+    preset = dataclasses.replace(config.PRESETS["tiny"], n_livs=4)
     stack = lambda name: gn.repair([[gn.CLASS_INDEX[n], i + 1, 1, i + 1, 1]
                                     for i, n in enumerate([name, "GMemless"] * 2)])
     delta, conv = (star.probe(stack(n), preset)["accuracy"]["recall"] for n in ("Delta-1", "GConv-1"))
@@ -1978,7 +2003,7 @@ def test_after_the_warm_up_no_candidate_compiles_a_graph(corpus, monkeypatch, ca
                 "--n-livs", "4", "--reps", "1", "--warmup", "1"] + args[:-2])  # the suite's section, same shapes
     out = capsys.readouterr().out
     assert "LIV variants: 0 graphs" in out and re.search(r"\n\S.* +0\.\d\d +\d", out), out  # warm: no compile
-    preset = dataclasses.replace(star.PRESETS["tiny"], width=16, heads=2, seq_len=16, batch_size=2, eval_batches=1,
+    preset = dataclasses.replace(config.PRESETS["tiny"], width=16, heads=2, seq_len=16, batch_size=2, eval_batches=1,
                                  steps=2, n_livs=4, compile=True)  # the command's sizes
     before, rng = counters["stats"]["unique_graphs"], np.random.default_rng(0)
     for _ in range(20):

@@ -14,8 +14,8 @@ import uuid
 
 import torch
 
+import config
 import genome as gn
-import probes
 import star
 
 
@@ -28,26 +28,24 @@ class Evaluator:
     and at the confirmation too when they are the objective ('recall')."""
 
     def __init__(self, settings, device, log=None):
-        self.preset = star.Preset(**settings["preset"])
-        steps = settings["confirm_steps"] or self.preset.steps
-        confirm = dataclasses.replace(self.preset, steps=steps, warmup=round(self.preset.warmup * steps / self.preset.steps))
+        self.preset = config.Preset(**settings["preset"])
+        confirm = self.preset.at_budget(settings["confirm_steps"] or self.preset.steps)
         large = dataclasses.replace(confirm, n_livs=settings.get("confirm_n_livs") or self.preset.n_livs,
                                     width=settings.get("confirm_width") or self.preset.width)
-        rungs = {f"rung {r}": dataclasses.replace(self.preset, steps=b, warmup=round(self.preset.warmup * b / steps0))
-                 for r, b in enumerate(settings["rungs"][1:], 1) for steps0 in [self.preset.steps]}  # retrained at each
-        self.presets = {"search": self.preset, "confirm": confirm, "large": large, **rungs}
+        rungs = {stage(r): self.preset.at_budget(b) for r, b in enumerate(settings["rungs"][1:], 1)}  # retrained at each
+        self.presets = {stage(0): self.preset, "confirm": confirm, "large": large, **rungs}
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
         self.device, self.log = device, log
         if self.preset.compile:  # every block variant now, so that no candidate compiles one
             star.warm_up(self.preset, self.corpus, device, log)
         self.latency = settings["objective"] == "quality-latency"
-        self.probe_stages = {stage for stage, wanted in (("search", settings["probes"]),
+        self.probe_stages = {kind for kind, wanted in (("search", settings["probes"]),
                                                          ("confirm", settings["objective"] == "recall")) if wanted}
-        self.probes = probes.tasks_for(settings["preset_name"])
+        self.probes = config.PROBES[settings["preset_name"]]
 
-    def __call__(self, compact, stage="search", seed=None):
+    def __call__(self, compact, kind="search", seed=None):
         start, genome = time.time(), gn.from_compact(compact)
-        preset = dataclasses.replace(self.presets[stage], seed=self.preset.seed if seed is None else seed)
+        preset = dataclasses.replace(self.presets[kind], seed=self.preset.seed if seed is None else seed)
         result = star.train_candidate(genome, self.corpus, preset, self.device, self.log)
         if transient(result):  # ours: out of memory or a device error may pass; retried once
             if self.log:
@@ -55,17 +53,22 @@ class Evaluator:
             result = {**star.train_candidate(genome, self.corpus, preset, self.device, self.log), "retried": True}
             result["transient"] = transient(result)  # failed twice so: a resume tries it again
         measured = time.time()
-        if stage in self.probe_stages and result["status"] == "ok":
+        if kind in self.probe_stages and result["status"] == "ok":
             scores = star.probe(genome, preset, self.device, self.probes.values(), self.log)
             result.update(probes=scores.get("accuracy"), recall_error=1 - scores["mean"] if "mean" in scores else None,
                           **({"status": "failed", "error": scores["error"]} if scores["status"] != "ok" else {}))
-        if self.latency and stage == "search" and result["status"] == "ok":
+        if self.latency and kind == "search" and result["status"] == "ok":
             import bench  # only the latency objective needs it
             try:
                 result["latency_ms"] = bench.search_latency(genome, self.preset, self.corpus.vocab_size, self.device)
             except Exception as e:  # noqa: BLE001
                 result.update(status="failed", error=f"latency: {type(e).__name__}: {e}"[:300])
         return {**result, "seconds": round(time.time() - start, 2), "measure_seconds": round(time.time() - measured, 2)}
+
+
+def stage(rung):
+    """The Evaluator's stage of a training at this rung of --rungs: 'search' (the first), 'rung 1', ..."""
+    return f"rung {rung}" if rung else "search"
 
 
 def transient(result):

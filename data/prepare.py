@@ -17,31 +17,14 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import Parser, fail  # noqa: E402  -- one-line refusals, exit code 1, as every command
+
 DATASETS = {  # short name -> (hub path, configuration, text field)
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "text"),  # the default: educational web text
     "tinystories": ("roneneldan/TinyStories", None, "text"),  # small and simple: a quick start
 }
 GPU_PRESET_TOKENS = 2000 * 32 * 1024  # steps x batch x sequence of one candidate of star.py's gpu preset
-
-
-def fail(message):
-    """One line on stderr, exit code 1: as every command of star.py (this script does not import it)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit code 1, and empty values refused."""
-
-    def error(self, message):
-        fail(message)
-
-    def parse_args(self, args=None, namespace=None):
-        parsed = super().parse_args(args, namespace)
-        for key, value in vars(parsed).items():
-            if value == "" or (isinstance(value, list) and "" in value):
-                fail(f"--{key.replace('_', '-')}: empty value")
-        return parsed
 
 
 def tokenizer(name):

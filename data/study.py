@@ -16,6 +16,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import config  # noqa: E402
 import genome as gn  # noqa: E402
 import report  # noqa: E402
 import star  # noqa: E402
@@ -28,24 +29,24 @@ def read_run(path):
 
 
 def main(argv=None):
-    p = star.Parser(description=__doc__.splitlines()[0])
+    p = config.Parser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="finished search directories (each with best_genome.json)")
-    p.add_argument("--steps", type=star.number("steps"), required=True, help="the long budget")
+    p.add_argument("--steps", type=config.number("steps"), required=True, help="the long budget")
     p.add_argument("--data", default=None, help="a corpus (default: the embedded one)")
-    p.add_argument("--vocab-size", type=star.number("vocab_size"), default=None)
+    p.add_argument("--vocab-size", type=config.number("vocab_size"), default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=star.number("threads"), default=1)
+    p.add_argument("--threads", type=config.number("threads"), default=1)
     p.add_argument("--out", required=True, help="results JSON (read first: a killed study resumes)")
     args = p.parse_args(argv)
     try:
         runs = {path: read_run(path) for path in args.runs}
-        base = star.Preset(**next(iter(runs.values()))[0]["preset"])
+        base = config.Preset(**next(iter(runs.values()))[0]["preset"])
         preset = dataclasses.replace(base, steps=args.steps, seed=args.seed,
                                      warmup=round(base.warmup * args.steps / base.steps))
         corpus = star.Corpus(args.data, args.vocab_size).check(preset)
         done = gn.read_json(args.out, "study results") if os.path.exists(args.out) else {}
     except ValueError as e:
-        star.fail(str(e))
+        config.fail(str(e))
     torch_threads(args.threads)
     models = {name: gn.baseline(name, base.n_livs) for name in gn.BASELINES}
     models.update({gn.to_compact(g): g for _, g in runs.values()})
@@ -54,7 +55,7 @@ def main(argv=None):
         if key not in done:
             print(f"[{i + 1}/{len(models)}] {gn.summary(g)[:60]}", flush=True)
             done[key] = star.train_candidate(g, corpus, preset, "cpu", log=lambda s: print("  " + s, flush=True))
-            star.atomic_write(args.out, json.dumps(done, indent=1))
+            config.write_file(args.out, json.dumps(done, indent=1))
         print(f"  {name[:40]}: ppl {done[key]['ppl']}", flush=True)
     print(table(runs, done))
 
