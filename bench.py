@@ -14,6 +14,7 @@ overhead would distort the medians).
 import dataclasses
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -61,11 +62,13 @@ def median_ms(fn, device, reps=10, warmup=3, setup=None):
     return statistics.median(times)
 
 
-def compiled(fn, use_compile, name):
-    """torch.compile(fn) when asked; the eager fn with a printed reason if compiling fails."""
+def compiled(fn, use_compile):
+    """torch.compile(fn) as one graph when asked (a whole model, a lone LIV). No eager fallback: a
+    compile error is the benchmark's failure (one line), never an eager time shown as compiled."""
     if not use_compile:
         return fn
-    return star.CompiledOrEager(fn, log=lambda s: print(f"{name}:{s}"))
+    star.configure_compile()
+    return torch.compile(fn, backend=star.COMPILE_BACKEND)
 
 
 def class_table(prof, device):
@@ -162,7 +165,7 @@ def measure_latency(model, batch, prompt_len, decode_tokens, device, use_compile
     dtype = next(model.parameters()).dtype
     prompt = torch.randint(0, model.embed.num_embeddings, (batch, prompt_len), device=device)
     token = prompt[:, -1:]
-    forward = compiled(model, use_compile, "latency")
+    forward = compiled(model, use_compile)
     max_len = prompt_len + decode_tokens + 1
 
     def fresh():
@@ -241,10 +244,10 @@ def train(args):
     model = make_model(args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     if args.compile_model:  # the whole model as one graph (for comparison: the search compiles blocks)
-        step_fn = compiled(model, True, "train")
+        step_fn = compiled(model, True)
     elif args.compile:  # compiled residual blocks, as the search trains them
-        step_fn = star.maybe_compile(model, dataclasses.replace(config.PRESETS["tiny"], compile=True),
-                                     lambda s: print(f"train:{s}"))
+        model.compile_blocks()
+        step_fn = model
     else:
         step_fn = model
     step = timed_step(step_fn, optimizer, torch.randint(0, args.vocab_size, (args.batch, args.seq_len), device=device))
@@ -277,7 +280,7 @@ def ops(args):
                             max_len=args.seq_len, chunk=args.chunk, **cls.featurizer)
         layer = liv.LIV(cfg).to(device)
         x = torch.randn(args.batch, args.seq_len, args.width, device=device, requires_grad=True)
-        fn = compiled(layer, args.compile, cls.name)
+        fn = compiled(layer, args.compile)
 
         def fwd_bwd(_):
             with star.autocast(device):
@@ -290,46 +293,26 @@ def ops(args):
           f"{device.type}{' compiled' if args.compile else ''}\n{'class':<14}{'ms':>10}{'x SDPA':>8}")
     for name, ms in results.items():
         print(f"{name:<14}{ms:>10.3f}{ms / base:>8.2f}")
-    loop_ms, chunk_ms, short = recurrence_vs_loop(args, device)
-    print(f"\nrecurrence: chunked {chunk_ms:.3f} ms at length {args.seq_len}; Python loop {loop_ms:.3f} ms at "
-          f"length {short}, extrapolated x{args.seq_len / short:.0f} = {loop_ms * args.seq_len / short:.1f} ms "
-          f"({loop_ms * args.seq_len / short / chunk_ms:.0f}x the chunked form)")
     return results
 
 
-def recurrence_vs_loop(args, device):
-    """The chunked recurrence against the naive loop over time (forward only; the loop at a
-    shorter length, extrapolated linearly)."""
-    h, n, k = args.heads, 16, args.width // args.heads
-    short = min(args.seq_len, 256)
-
-    def inputs(length):
-        q, kk = (torch.randn(args.batch, h, length, n, device=device) for _ in range(2))
-        return q, kk, torch.randn(args.batch, h, length, k, device=device), -torch.rand(args.batch, h, length, device=device)
-
-    full, part = inputs(args.seq_len), inputs(short)
-    with torch.no_grad():
-        chunk_ms = median_ms(lambda _: liv.chunked_recurrence(*full, args.chunk), device, args.reps, args.warmup)
-        loop_ms = median_ms(lambda _: liv.recurrence_reference(*part), device, max(1, args.reps // 3), 1)
-    return loop_ms, chunk_ms, short
-
-
 def candidates(args):
-    """What a search's new candidate costs once the catalogue is compiled (issue 17's check): the
-    warm-up, then per random genome the seconds before its first timed step, training and
-    evaluation seconds, tokens/s against the same genome compiled whole and against Transformer++
-    compiled whole (the ceiling per-block compilation is held to)."""
+    """What a search's new candidate costs once the catalogue is compiled: the warm-up, then per
+    random genome the first step's overhead (its seconds beyond a steady step) against a 2,000-step
+    training, and tokens/s of its compiled blocks against the same genome compiled whole and against
+    Transformer++ compiled whole, every side timed the same way (timed_step: forward, backward,
+    optimizer step on one batch; the median of --reps)."""
     device, rng = torch.device(args.device), np.random.default_rng(args.seed)
     star.COMPILE_BACKEND = args.backend
     preset = dataclasses.replace(config.PRESETS[config.preset_name(args.preset)], steps=args.steps, compile=True,
                                  **{k: getattr(args, k) for k in ("width", "heads", "n_livs", "seq_len", "batch_size")
                                     if getattr(args, k) is not None})
     corpus = star.Corpus().check(preset)
-    yardstick, _ = whole_model_tokens_per_second(gn.baseline("transformer++", gn.baseline_depth(preset.n_livs)), preset, device, args)
+    yardstick, _ = tokens_per_second(gn.baseline("transformer++", gn.baseline_depth(preset.n_livs)), preset, device, args)
     print(f"Transformer++ compiled whole: {yardstick:,.0f} tokens/s ({preset.batch_size} x {preset.seq_len}, "
           f"width {preset.width}, {preset.n_livs} LIVs, {device})", flush=True)
     star.warm_up(preset, corpus, device, log=lambda s: print(s, flush=True))
-    print(f"{'genome':<44}{'first s':>8}{'train s':>9}{'eval s':>8}{'tok/s':>11}{'x whole':>8}{'x T++':>7}"
+    print(f"{'genome':<44}{'first s':>8}{'step ms':>8}{'% of 2k':>8}{'tok/s':>11}{'x whole':>8}{'x T++':>7}"
           f"{'whole: first s':>15}")
     for _ in range(args.n):
         g = gn.random_genome(preset.n_livs, rng)
@@ -337,17 +320,21 @@ def candidates(args):
         if r["status"] != "ok":
             print(f"{gn.summary(g)[:43]:<44}failed: {r.get('error')}", flush=True)
             continue
-        whole, whole_first = whole_model_tokens_per_second(g, preset, device, args)
-        print(f"{gn.summary(g)[:43]:<44}{r['first_step_seconds']:>8.2f}{r['train_seconds']:>9.2f}"
-              f"{r['eval_seconds']:>8.2f}{r['tokens_per_second']:>11,.0f}{r['tokens_per_second'] / whole:>8.2f}"
-              f"{r['tokens_per_second'] / yardstick:>7.2f}{whole_first:>15.2f}", flush=True)
+        blocks, _ = tokens_per_second(g, preset, device, args, whole=False)
+        whole, whole_first = tokens_per_second(g, preset, device, args)
+        step = preset.batch_size * preset.seq_len / blocks  # seconds
+        print(f"{gn.summary(g)[:43]:<44}{r['first_step_seconds']:>8.2f}{step * 1e3:>8.1f}"
+              f"{100 * max(0.0, r['first_step_seconds'] - step) / (2000 * step):>8.2f}{blocks:>11,.0f}"
+              f"{blocks / whole:>8.2f}{blocks / yardstick:>7.2f}{whole_first:>15.2f}", flush=True)
 
 
-def whole_model_tokens_per_second(genome, preset, device, args):
-    """Training tokens/s of the genome compiled as one graph (median of timed steps), and the
-    seconds of its first step (the whole model's compilation)."""
+def tokens_per_second(genome, preset, device, args, whole=True):
+    """Training tokens/s of the genome (median of timed steps) compiled as one graph, or as the
+    search compiles it (residual blocks, after the warm-up); and the seconds of its first step."""
     model = star.build_model(genome, preset).to(device)
-    step_fn, optimizer = compiled(model, True, "whole"), star.make_optimizer(model, preset, device)
+    if not whole:
+        model.compile_blocks()
+    step_fn, optimizer = compiled(model, whole), star.make_optimizer(model, preset, device)
     step = timed_step(step_fn, optimizer, torch.randint(0, 256, (preset.batch_size, preset.seq_len), device=device))
     first = time.perf_counter()
     step(None)
@@ -361,7 +348,7 @@ SHAPES = {  # reference shapes (plain-PyTorch yardsticks measured on an H200), a
     "reference": {"ops": ["--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12"],
                   "model": ["--width", "768", "--heads", "12", "--n-livs", "24"],
                   "train": ["--batch", "16", "--seq-len", "1024", "--vocab-size", "50304"],
-                  "search": [], "candidates": ["--n", "4", "--steps", "200"]},
+                  "search": [], "candidates": ["--n", "5", "--steps", "200"]},
     "smoke": {"ops": ["--batch", "1", "--seq-len", "64", "--width", "32", "--heads", "4", "--reps", "1"],
               "model": ["--width", "32", "--heads", "4", "--n-livs", "4", "--reps", "2"],
               "train": ["--batch", "2", "--seq-len", "32"],
@@ -395,28 +382,35 @@ def suite_commands(args):
         ("latency", bench_py + ["latency", "--baseline", "transformer++"] + model + decode),
         ("latency", bench_py + ["latency", "--baseline", "striped-mamba"] + model + decode),
         ("search", evolve_py + ["--preset", "gpu", "--population", str(args.search_population), "--generations",
-                                "2", "--steps", str(args.search_steps), "--confirm-steps", "0", "--out", args.out]
-         + shape["search"]),  # throughput and turnover: no confirmation stage
+                                "1", "--steps", str(args.search_steps), "--confirm-steps", "0", "--out", args.out]
+         + shape["search"]),  # end to end, throughput and turnover: no confirmation stage
     ]
 
 
 def suite(args):
-    """Issue 6's prepared GPU script: ops, train, latency and a short search in one call.
-    `--only train,latency` runs some sections (to split it over calls); `--smoke` runs it all at
-    tiny sizes on a CPU, to check the script before spending GPU time on it."""
+    """The prepared GPU script: the candidates after the warm-up, ops, train, latency and a
+    5-candidate search in one call, every command's output kept in one file (--out's suite.md,
+    with a table of the commands, their seconds and exit codes). `--only train,latency` runs some
+    sections; `--smoke` runs it all at tiny sizes on a CPU, to check the script before GPU time."""
     import subprocess
     sections = set(args.only.split(",")) if args.only else set(SECTIONS)
-    failures, start, done = 0, time.time(), []
+    start, rows, logs = time.time(), [], []
     for section, argv in suite_commands(args):
-        if section not in sections or argv in done:  # (smoke: the compiled variants are the eager ones)
+        if section not in sections or any(argv == done for _, done, _, _ in rows):  # (smoke: compiled = eager)
             continue
-        done.append(argv)
-        print(f"\n[{time.time() - start:6.0f} s] $ {' '.join(argv[1:])}", flush=True)
-        code = subprocess.run(argv, check=False).returncode
-        if code:
-            failures += 1
-            print(f"exit code {code}", flush=True)
-    print(f"\nsuite done in {time.time() - start:.0f} s, {failures} command(s) failed", flush=True)
+        command = " ".join([os.path.basename(argv[1])] + argv[2:])
+        print(f"\n[{time.time() - start:6.0f} s] $ {command}", flush=True)
+        began = time.time()
+        out = subprocess.run(argv, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        print(out.stdout, end="", flush=True)
+        rows.append((section, argv, time.time() - began, out.returncode))
+        logs.append(f"$ {command}\n{out.stdout}")
+    failures = sum(code != 0 for *_, code in rows)
+    table = ["| section | command | seconds | exit |", "|---|---|---|---|"] + [
+        f"| {section} | `{' '.join(argv[2:])}` | {seconds:.0f} | {code} |" for section, argv, seconds, code in rows]
+    config.write_file(os.path.join(args.out, "suite.md"), "\n".join(
+        table + ["", f"{len(rows)} commands in {time.time() - start:.0f} s, {failures} failed", "", "```"] + logs + ["```"]))
+    print(f"\nsuite done in {time.time() - start:.0f} s, {failures} command(s) failed; {args.out}/suite.md", flush=True)
     if failures:
         sys.exit(1)
 
@@ -425,60 +419,64 @@ def dtype_of(args):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
 
 
-def parse_args(argv):
+def add_args(s, name):
+    """The flags of one bench.py command."""
     number = config.number
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    if name in ("latency", "train", "candidates"):
+        s.add_argument("--preset", default="auto", help="width, heads and depth unless given: tiny, gpu or auto")
+    s.add_argument("--width", type=number("width"), default=768 if name == "ops" else None,
+                   help="model width" + ("" if name == "ops" else " (default: the preset's)"))
+    s.add_argument("--heads", type=number("heads"), default=12 if name == "ops" else None,
+                   help="heads" + ("" if name == "ops" else " (default: the preset's)"))
+    s.add_argument("--chunk", type=number("chunk"), default=64, help="chunk length of the chunked recurrence")
+    s.add_argument("--reps", type=number("reps"), default=10, help="timed repetitions")
+    s.add_argument("--warmup", type=number("warmup"), default=3, help="untimed warm-up repetitions")
+    s.add_argument("--compile", action="store_true", help="time torch.compile'd code")
+    if name in ("latency", "train"):
+        source = s.add_mutually_exclusive_group(required=True)
+        source.add_argument("--genome", help="genome JSON file or compact form")
+        source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}")
+        s.add_argument("--n-livs", type=number("n_livs"), default=None, help="LIVs in depth (default: the preset's)")
+        s.add_argument("--vocab-size", type=number("vocab_size"), default=256, help="vocabulary")
+        s.add_argument("--max-len", type=number("max_len"), default=2048, help="longest sequence (the long filter's length)")
+    if name == "latency":
+        s.add_argument("--batch", type=number("batch"), default=1, help="sequences decoded together")
+        s.add_argument("--prompt-len", type=number("prompt_len"), default=512, help="prompt tokens (prefill)")
+        s.add_argument("--decode-tokens", type=number("decode_tokens"), default=64, help="tokens decoded one by one")
+        s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+        s.add_argument("--trace", help="write a Chrome trace (chrome://tracing, Perfetto) of the profiled pass")
+    if name in ("train", "ops"):
+        s.add_argument("--batch", type=number("batch"), default=8, help="sequences per step")
+        s.add_argument("--seq-len", type=number("seq_len"), default=2048 if name == "ops" else 1024, help="tokens per sequence")
+    if name == "train":
+        s.add_argument("--peak-tflops", type=number("peak_tflops"), default=None, help="the card's peak, for MFU")
+        s.add_argument("--compile-model", action="store_true", help="compile the whole model, not blocks")
+    if name == "candidates":
+        s.add_argument("--n", type=number("genomes"), default=4, help="random genomes to train")
+        s.add_argument("--steps", type=number("steps"), default=200, help="steps per candidate")
+        s.add_argument("--n-livs", type=number("n_livs"), default=None, help="LIVs (default: the preset's)")
+        s.add_argument("--seq-len", type=number("seq_len"), default=None, help="tokens per sequence")
+        s.add_argument("--batch-size", type=number("batch_size"), default=None, help="sequences per step")
+        s.add_argument("--seed", type=number("seed"), default=0, help="seed of the random genomes")
+        s.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
+                       help="torch.compile backend (eager: dynamo's graphs without code generation, for --smoke)")
+    if name == "suite":
+        s.add_argument("--only", help="comma-separated sections: " + ", ".join(SECTIONS))
+        s.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: check the script itself")
+        s.add_argument("--search-steps", type=number("steps"), default=200, help="steps per candidate of the search")
+        s.add_argument("--search-population", type=number("population"), default=5, help="the search's population")
+        s.add_argument("--out", default="runs/suite", help="the search's output directory")
+
+
+def parse_args(argv):
     p = config.Parser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="{latency,train,ops,suite,candidates}")
     helps = {"latency": "prefill and per-token decode time, per LIV class", "train": "training tokens/s, memory, MFU",
              "ops": "every LIV class against SDPA attention", "suite": "the prepared GPU measurements in one call",
              "candidates": "a search's candidates after the catalogue's warm-up, against whole-model compilation"}
     for name, what in helps.items():
-        s = sub.add_parser(name, help=what, description=what)
-        s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-        if name in ("latency", "train", "candidates"):
-            s.add_argument("--preset", default="auto", help="width, heads and depth unless given: tiny, gpu or auto")
-        s.add_argument("--width", type=number("width"), default=768 if name == "ops" else None,
-                       help="model width" + ("" if name == "ops" else " (default: the preset's)"))
-        s.add_argument("--heads", type=number("heads"), default=12 if name == "ops" else None,
-                       help="heads" + ("" if name == "ops" else " (default: the preset's)"))
-        s.add_argument("--chunk", type=number("chunk"), default=64, help="chunk length of the chunked recurrence")
-        s.add_argument("--reps", type=number("reps"), default=10, help="timed repetitions")
-        s.add_argument("--warmup", type=number("warmup"), default=3, help="untimed warm-up repetitions")
-        s.add_argument("--compile", action="store_true", help="time torch.compile'd code")
-        if name in ("latency", "train"):
-            source = s.add_mutually_exclusive_group(required=True)
-            source.add_argument("--genome", help="genome JSON file or compact form")
-            source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}")
-            s.add_argument("--n-livs", type=number("n_livs"), default=None, help="LIVs in depth (default: the preset's)")
-            s.add_argument("--vocab-size", type=number("vocab_size"), default=256, help="vocabulary")
-            s.add_argument("--max-len", type=number("max_len"), default=2048, help="longest sequence (the long filter's length)")
-        if name == "latency":
-            s.add_argument("--batch", type=number("batch"), default=1, help="sequences decoded together")
-            s.add_argument("--prompt-len", type=number("prompt_len"), default=512, help="prompt tokens (prefill)")
-            s.add_argument("--decode-tokens", type=number("decode_tokens"), default=64, help="tokens decoded one by one")
-            s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-            s.add_argument("--trace", help="write a Chrome trace (chrome://tracing, Perfetto) of the profiled pass")
-        if name in ("train", "ops"):
-            s.add_argument("--batch", type=number("batch"), default=8, help="sequences per step")
-            s.add_argument("--seq-len", type=number("seq_len"), default=2048 if name == "ops" else 1024, help="tokens per sequence")
-        if name == "train":
-            s.add_argument("--peak-tflops", type=number("peak_tflops"), default=None, help="the card's peak, for MFU")
-            s.add_argument("--compile-model", action="store_true", help="compile the whole model, not blocks")
-        if name == "candidates":
-            s.add_argument("--n", type=number("genomes"), default=4, help="random genomes to train")
-            s.add_argument("--steps", type=number("steps"), default=200, help="steps per candidate")
-            s.add_argument("--n-livs", type=number("n_livs"), default=None, help="LIVs (default: the preset's)")
-            s.add_argument("--seq-len", type=number("seq_len"), default=None, help="tokens per sequence")
-            s.add_argument("--batch-size", type=number("batch_size"), default=None, help="sequences per step")
-            s.add_argument("--seed", type=number("seed"), default=0, help="seed of the random genomes")
-            s.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
-                           help="torch.compile backend (eager: dynamo's graphs without code generation, for --smoke)")
-        if name == "suite":
-            s.add_argument("--only", help="comma-separated sections: " + ", ".join(SECTIONS))
-            s.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: check the script itself")
-            s.add_argument("--search-steps", type=number("steps"), default=200, help="steps per candidate of the search")
-            s.add_argument("--search-population", type=number("population"), default=8, help="the search's population")
-            s.add_argument("--out", default="runs/suite", help="the search's output directory")
+        add_args(sub.add_parser(name, help=what, description=what), name)
     args = p.parse_args(argv)
     if args.command == "latency" and args.prompt_len + args.decode_tokens + 1 > args.max_len:
         args.max_len = args.prompt_len + args.decode_tokens + 1
@@ -509,6 +507,8 @@ def main(argv=None):
         {"latency": latency, "train": train, "ops": ops, "suite": suite, "candidates": candidates}[args.command](args)
     except ValueError as e:
         config.fail(e)
+    except Exception as e:  # noqa: BLE001 -- a compile error (torch's are long): its first line
+        config.fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
 
 
 if __name__ == "__main__":

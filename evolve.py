@@ -435,6 +435,18 @@ def time_left(run, world=1):
     return (seconds * to_train + (seconds - measure) * confirm) / world
 
 
+def planned_compute(s):
+    """(trainings, tokens) the settings plan, before anything trains: each generation's candidates
+    at every rung (an upper bound: a model met twice trains once), the baselines at every rung, and
+    the confirmation (the larger size counted as trainings, its tokens as at the search's size)."""
+    search = [(n * s["generations"] + len(config.SEARCH_BASELINES), b)
+              for n, b in zip(rung_sizes(s, s["population"]), s["rungs"])]
+    models = s["confirm_top"] + s["rank_check"] + len(config.SEARCH_BASELINES)
+    confirm = models * (s["confirm_seeds"] + bool(runs.large_size(s))) if s["confirm_steps"] else 0
+    steps = sum(n * b for n, b in search) + confirm * s["confirm_steps"]
+    return sum(n for n, _ in search) + confirm, steps * s["preset"]["batch_size"] * s["preset"]["seq_len"]
+
+
 def report_generation(run, log):
     F, (rank, crowd) = run.objectives(run.population), ranked(run, run.population)
     log(f"generation {run.generation} done: best {config.OBJECTIVES[run.settings['objective']][0]} "
@@ -470,6 +482,9 @@ def main(argv=None):
     log(f"STAR search: objective {s['objective']}, preset {s['preset_name']}, population {s['population']}, "
         f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {s['device']} x {world} process(es), "
         f"{s['threads']} thread(s) each; writing to {run.out}\n{config.budget_note(evaluator.preset, len(evaluator.corpus.train))}")
+    trainings, tokens = planned_compute(s)
+    log(f"compute: up to {trainings} trainings, {report.fmt_count(tokens)} tokens (rungs {','.join(map(str, s['rungs']))}, "
+        f"confirmation {s['confirm_steps']} steps); the time left is estimated from the measured speed after each")
     try:
         config.write_file(os.path.join(run.out, "evaluations.jsonl"), "".join(json.dumps(e) + "\n" for e in run.evaluations))
         run.save()

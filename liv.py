@@ -91,12 +91,13 @@ class CausalConv(nn.Module):
 
     def forward(self, x):  # x (b, l, c): channel-last, no transposed copies (a conv1d needs (b, c, l))
         l, padded = x.size(1), F.pad(x, (0, 0, self.kernel - 1, 0))  # (b, l + kernel - 1, c)
-        return sum(padded[:, s: s + l] * self.weight[:, 0, s] for s in range(self.kernel))  # (b, l, c)
+        y = sum(padded[:, s: s + l] * self.weight[:, 0, s] for s in range(self.kernel))  # (b, l, c)
+        return y.to(x.dtype)  # under autocast: bf16 in, float32 sums, bf16 out as every feature is
 
     def step(self, x, state):  # x (b, 1, c), state (b, c, kernel - 1): the last inputs
         window = torch.cat([state, x.transpose(1, 2)], dim=2)  # (b, c, kernel)
         state.copy_(window[:, :, 1:])
-        return (window * self.weight[:, 0]).sum(-1).unsqueeze(1)  # (b, 1, c)
+        return (window * self.weight[:, 0]).sum(-1).unsqueeze(1).to(x.dtype)  # (b, 1, c)
 
     def prefill(self, x, state):  # remember the last kernel-1 inputs of x (b, l, c)
         tail = F.pad(x.transpose(1, 2), (self.kernel - 1, 0))[:, :, -(self.kernel - 1):]

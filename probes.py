@@ -106,9 +106,10 @@ class Task:
         return {"accuracy": right / max(total, 1)}
 
     def preset(self, preset):
-        """The search's width, depth and seed; the task's length and budget."""
+        """The search's width, depth and seed; the task's length and budget; eager, since the
+        compile warm-up sees the search's shapes only (README: "Compilation")."""
         return dataclasses.replace(preset, seq_len=self.seq_len, steps=self.steps, batch_size=self.batch, lr=self.lr,
-                                   warmup=self.steps // 10, eval_batches=4)
+                                   warmup=self.steps // 10, eval_batches=4, compile=False)
 
 
 # Budgets (ours), the smallest at which the separation is clear and stable on the tiny preset: with

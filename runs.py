@@ -289,29 +289,26 @@ def record(compact, result, rank, **where):
 def parse_args(argv):
     p = config.Parser(description="STAR evolutionary architecture search (NSGA-II over LIV genomes)")
     p.add_argument("--objective", default=None, help=f"one of {', '.join(config.OBJECTIVES)} (default quality)")
-    p.add_argument("--population", type=config.number("population"), default=None, metavar="N",
-                   help="genomes per generation (" + ", ".join(f"{k} {v['population']}" for k, v in config.SEARCH_DEFAULTS.items()) + ")")
-    p.add_argument("--generations", type=config.number("generations"), default=None, metavar="N",
-                   help="generations, the initial one included (" +
-                        ", ".join(f"{k} {v['generations']}" for k, v in config.SEARCH_DEFAULTS.items()) + ")")
     p.add_argument("--mutation", type=config.number("mutation"), default=None, metavar="P",
                    help="per-gene mutation probability (default 0.1)")
     p.add_argument("--confirm-steps", type=config.number("confirm_steps"), default=None, metavar="N",
-                   help="steps of the confirmation stage (" + ", ".join(
-                       f"{k} {v['confirm_factor']}x" for k, v in config.SEARCH_DEFAULTS.items()) +
+                   help="steps of the confirmation stage (" + per_preset("confirm_factor", "x") +
                         " --steps, or the last of --rungs; 0 skips it)")
-    for flag, what in (("confirm_top", "best candidates confirmed beside the baselines"),
-                       ("confirm_seeds", "seeds each confirmed model is retrained under: the spread margins must clear"),
-                       ("rank_check", "candidates from the middle and bottom of the search confirmed too")):
-        p.add_argument("--" + flag.replace("_", "-"), type=config.number(flag), default=None, metavar="K",
-                       help=f"{what} (" + ", ".join(f"{k} {v[flag]}" for k, v in config.SEARCH_DEFAULTS.items()) + ")")
+    for flag, what, meta in (("population", "genomes per generation", "N"),
+                             ("generations", "generations, the initial one included", "N"),
+                             ("confirm_top", "best candidates confirmed beside the baselines", "K"),
+                             ("confirm_seeds", "seeds each confirmed model is retrained under: the spread margins "
+                                               "must clear", "K"),
+                             ("rank_check", "candidates from the middle and bottom of the search confirmed too", "K")):
+        p.add_argument("--" + flag.replace("_", "-"), type=config.number(flag), default=None, metavar=meta,
+                       help=f"{what} ({per_preset(flag)})")
     p.add_argument("--confirm-n-livs", type=config.number("confirm_n_livs"), default=None, metavar="N",
                    help="also confirm at this depth (a multiple of --n-livs; candidates stacked), one seed")
     p.add_argument("--confirm-width", type=config.number("confirm_width"), default=None, metavar="W",
                    help="also confirm at this width, one seed")
     p.add_argument("--rungs", type=rung_list, default=None, metavar="STEPS,STEPS",
                    help="successive halving: each generation's best continue to these budgets, retrained "
-                        "(e.g. 60,240; the first is --steps; default: one rung)")
+                        "(e.g. 60,240; the first is --steps; tiny: one rung, gpu: 375,3000 unless --steps)")
     p.add_argument("--random-search", action="store_true", default=None,
                    help="the equal-budget control: every generation drawn at random (no selection, crossover, mutation)")
     p.add_argument("--lease", type=config.number("lease"), default=120.0, metavar="SECONDS",
@@ -331,6 +328,11 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def per_preset(key, unit=""):
+    """'tiny 8, gpu 16': a search default as each preset sets it (config.SEARCH_DEFAULTS)."""
+    return ", ".join(f"{name} {defaults[key]}{unit}" for name, defaults in config.SEARCH_DEFAULTS.items())
+
+
 def rung_list(text):
     try:
         return [int(b) for b in text.split(",")]
@@ -342,10 +344,12 @@ def settings_from_args(args, log):
     name = config.preset_name(args.preset or "auto")
     if (args.preset or "auto") == "auto":
         log(f"preset auto: {name} ({'CUDA found' if name == 'gpu' else 'no CUDA'})")
-    if args.rungs and args.steps is None:
-        args.steps = args.rungs[0]
-    preset = config.preset_from_args(args, name)
     defaults = config.SEARCH_DEFAULTS[name]
+    rungs = args.rungs or (defaults["rungs"] if args.steps is None else None)  # --steps alone: one rung
+    if rungs and args.steps is None:
+        args.steps = rungs[0]
+    preset = config.preset_from_args(args, name)
+    rungs = rungs or [preset.steps]
 
     def given(value, default):
         return default if value is None else value
@@ -354,11 +358,10 @@ def settings_from_args(args, log):
                 "generations": given(args.generations, defaults["generations"]),
                 "mutation": given(args.mutation, 0.1), "seed": preset.seed, "data": args.data,
                 "vocab_size": args.vocab_size, "threads": given(args.threads, torch.get_num_threads()),
-                "confirm_steps": given(args.confirm_steps,  # longer than any selection: of the last rung
-                                       defaults["confirm_factor"] * (args.rungs or [preset.steps])[-1]),
+                "confirm_steps": given(args.confirm_steps, defaults["confirm_factor"] * rungs[-1]),  # of the last rung
                 "confirm_n_livs": args.confirm_n_livs, "confirm_width": args.confirm_width,
                 "random_search": bool(args.random_search), "run_id": uuid.uuid4().hex,
-                "rungs": args.rungs or [preset.steps]}
+                "rungs": rungs}
     for key in ("confirm_top", "confirm_seeds", "rank_check"):
         settings[key] = given(getattr(args, key), defaults[key])
     settings["probes"] = bool(args.probes) or "recall_error" in config.OBJECTIVES.get(settings["objective"], ())

@@ -68,18 +68,16 @@ class Model(nn.Module):
                                      shared_groups=shared))
         self.norm_f = nn.RMSNorm(width, eps=1e-6)
         self.lm_head = nn.Linear(width, vocab_size, bias=False)
-        self.block, self.head = residual_block, lm_head  # compile_blocks() swaps in compiled versions
+        self.blocks, self.head = [residual_block] * len(rows), lm_head  # compile_blocks() swaps in compiled ones
         self.labels = [f"liv:{gn.lookup(row).name}" for row in self.genome]  # profiler rows per class
         self.profiling = False  # bench.py turns on a record_function label per LIV
         self.init_weights()
 
     def init_weights(self):
-        """Width-aware (ours): projections N(0, 1/fan_in), residual outputs also scaled by
-        1/sqrt(2 * depth) as in GPT-2, embedding N(0, 1), an untied head N(0, 1/width). GPT-2's
-        fixed 0.02 equals 1/sqrt(3 * 768): at width 64 it is 3.6x too small, and with it and a tied
-        head attention never learned in-context recall in 1,500 steps (it does in 300 now) and
-        Transformer++ ended 120 steps at perplexity 15.6 instead of 10.8 (2-core CPU, tiny preset).
-        Mixer-internal parameters (decay biases, filters, conv kernels) keep their own init."""
+        """Width-aware (ours; README: "Where we depart from the paper"): projections N(0, 1/fan_in),
+        residual outputs also scaled by 1/sqrt(2 * depth) as in GPT-2, embedding N(0, 1), an untied
+        head N(0, 1/width). GPT-2's fixed 0.02 equals 1/sqrt(3 * 768): at width 64 it is 3.6x too
+        small. Mixer-internal parameters (decay biases, filters, conv kernels) keep their own init."""
         nn.init.normal_(self.embed.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=self.lm_head.in_features ** -0.5)
         for layer in self.livs:
@@ -94,7 +92,7 @@ class Model(nn.Module):
         x = self.embed(idx)  # (b, l, d)
         # Compiled graphs are training graphs: evaluation (no_grad) runs eagerly rather than compiling
         # every variant a second time as an inference graph (ours: a small share of a candidate's time).
-        block, head = (self.block, self.head) if torch.is_grad_enabled() else (residual_block, lm_head)
+        training = torch.is_grad_enabled()
         features = {}
         for i, norm in enumerate(self.norms):
             leader = self.feature_leader[i]
@@ -102,22 +100,28 @@ class Model(nn.Module):
             label = torch.profiler.record_function(self.labels[i]) if self.profiling else contextlib.nullcontext()
             with label:
                 if caches is None:  # training and evaluation: whole residual blocks, compiled or not
-                    x, features[i] = block(norm, self.livs[i], x, shared)
+                    x, features[i] = (self.blocks[i] if training else residual_block)(norm, self.livs[i], x, shared)
                 else:
                     x = x + self.run_liv(i, norm(x), shared, caches, features)
-        return head(self.norm_f, self.lm_head.weight, x, targets)
+        return (self.head if training else lm_head)(self.norm_f, self.lm_head.weight, x, targets)
 
     def compile_blocks(self, enabled=True):
         """Compile per residual block rather than per model: a block's graph depends only on its
         LIV variant (class and the features it reads), a set the catalogue fixes (warm_up compiles
-        it once), reused by every model of the search; a new whole model costs 17-26 s of
-        compilation on an H200. Static shapes. Eager again with enabled=False."""
-        if enabled:
-            configure_compile()
-            COMPILED.setdefault("block", torch.compile(residual_block, dynamic=False, backend=COMPILE_BACKEND))
-            COMPILED.setdefault("head", torch.compile(lm_head, dynamic=False, backend=COMPILE_BACKEND))
-        self.block = COMPILED["block"] if enabled else residual_block
-        self.head = COMPILED["head"] if enabled else lm_head
+        it once), reused by every model of the search, where a new whole model would compile anew.
+        Static shapes. A class whose graph failed to compile runs eagerly (guarded). Eager again
+        with enabled=False."""
+        if not enabled:
+            self.blocks, self.head = [residual_block] * len(self.livs), lm_head
+            return
+        configure_compile()
+        COMPILED.setdefault("block", torch.compile(residual_block, dynamic=False, backend=COMPILE_BACKEND))
+        COMPILED.setdefault("head", torch.compile(lm_head, dynamic=False, backend=COMPILE_BACKEND))
+        g = self.genome.tolist()
+        self.blocks = [guarded(COMPILED["block"], residual_block, gn.lookup(row).name,
+                               f"{gn.lookup(row).name} (featurizer: {gn.sharing_cell(g, i, 'weights')}, "
+                               f"features: {gn.sharing_cell(g, i, 'features')})") for i, row in enumerate(g)]
+        self.head = guarded(COMPILED["head"], lm_head, "head", "the LM head")
 
     def run_liv(self, i, x, shared, caches, features):
         layer = self.livs[i]
@@ -149,6 +153,7 @@ def lm_head(norm, weight, x, targets):
 
 
 COMPILED = {}  # the compiled block and head, shared by every model of the process
+EAGER = {}  # class name (or 'head') -> why its graph failed to compile: it runs eagerly from then on
 COMPILE_BACKEND = "inductor"  # the tests use "eager": dynamo's graphs and guards without code generation
 USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # a user's choice wins over ours
 
@@ -165,18 +170,41 @@ def configure_compile():
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), value))
 
 
+def guarded(compiled, eager, key, variant):
+    """compiled, unless it raises for this class (key): then eager, for this call and for every
+    model of the process after it (ours). Compilation is lazy, so a compiler error surfaces at a
+    variant's first call, before anything ran; EAGER keeps which variant failed and why."""
+    def call(*args):
+        if key not in EAGER:
+            try:
+                return compiled(*args)
+            except torch.OutOfMemoryError:
+                raise  # not the compiler's: the candidate fails (and is retried) as any other
+            except Exception as e:  # noqa: BLE001
+                while (e.__cause__ or getattr(e, "inner_exception", None)) is not None:  # the compiler's own error
+                    e = e.__cause__ or e.inner_exception
+                EAGER[key] = f"{variant}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        return eager(*args)
+    return call
+
+
 def warm_up(preset, source, device="cpu", log=None):
     """Compile every residual-block variant of the catalogue once (genome.every_variant, one
-    training step on the data source) so that no candidate of a search compiles anything:
-    (graphs compiled, seconds)."""
+    training step on the data source) so that no candidate of a search compiles anything. Each
+    variant that fails to compile is named in a line, and its class runs eagerly (EAGER); a
+    failure that names no variant stops the warm-up with one line (ValueError). Returns (graphs
+    compiled, seconds)."""
     from torch._dynamo.utils import counters
-    before, start = counters["stats"]["unique_graphs"], time.perf_counter()
+    before, start, failed = counters["stats"]["unique_graphs"], time.perf_counter(), set(EAGER)
     g = gn.every_variant()
     result = train_candidate(g, source, dataclasses.replace(preset, n_livs=len(g), steps=1, eval_batches=1), device)
     graphs, seconds = counters["stats"]["unique_graphs"] - before, time.perf_counter() - start
-    if log:
-        log(f"compiled the catalogue's {len(g)} LIV variants: {graphs} graphs in {seconds:.1f} s"
-            + ("" if result["status"] == "ok" else f" ({result.get('error')})"))
+    for key in sorted(set(EAGER) - failed):
+        log and log(f"compile failed for {EAGER[key]}; {key} runs eagerly in every model of this run")
+    if result["status"] != "ok":
+        raise ValueError(f"the compile warm-up failed ({result.get('error')}); run with --no-compile")
+    log and log(f"compiled the catalogue's {len(g)} LIV variants: {graphs} graphs in {seconds:.1f} s; "
+                f"eager: {', '.join(sorted(EAGER)) or 'none'}")
     return graphs, seconds
 
 
@@ -353,14 +381,16 @@ def train_candidate(genome, source, preset, device=None, log=None, save=None):
         model = build_model(genome, preset, source.vocab_size).to(device)
         result["params"], result["params_non_embedding"] = param_counts(model)
         result["cache_bytes"] = cache_bytes(model, preset.seq_len)
-        step_model, optimizer = maybe_compile(model, preset, log), make_optimizer(model, preset, device)
+        if preset.compile:
+            model.compile_blocks()
+        optimizer = make_optimizer(model, preset, device)
         progress = Progress(preset, device, log)
         batches = source.batches("train", preset.steps, preset.batch_size, preset.seq_len, preset.seed, device)
         for step, (x, y) in enumerate(batches):  # x, y: (b, l)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, preset)
             with autocast(device):
-                _, loss = step_model(x, y)
+                _, loss = model(x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
@@ -452,40 +482,6 @@ def probe(genome, preset, device="cpu", tasks=None, log=None):
 def duration(seconds):
     """'42 s', '3.5 min' or '2.1 h'."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
-def maybe_compile(model, preset, log):
-    """Compiled residual blocks when the preset asks for it (eager, with the reason, if that fails)."""
-    if not preset.compile:
-        return model
-    model.compile_blocks()
-    return CompiledOrEager(model, log, compiled=model, undo=lambda: model.compile_blocks(False))
-
-
-class CompiledOrEager:
-    """torch.compile(model) (or a given compiled form), falling back to eager with a printed reason
-    if the first call fails (compilation is lazy: errors surface on the first call)."""
-
-    def __init__(self, model, log=None, compiled=None, undo=None):
-        configure_compile()
-        self.model, self.log, self.undo, self.checked = model, log, undo, False
-        self.fn = compiled if compiled is not None else torch.compile(model, backend=COMPILE_BACKEND)
-
-    def __call__(self, *args, **kwargs):
-        if self.checked:
-            return self.fn(*args, **kwargs)
-        try:
-            out = self.fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            reason = str(e).splitlines()[0] if str(e) else ""
-            if self.log:
-                self.log(f"  torch.compile failed ({type(e).__name__}: {reason[:200]}); running eagerly")
-            if self.undo:
-                self.undo()
-            self.fn = self.model
-            out = self.model(*args, **kwargs)
-        self.checked = True
-        return out
 
 
 def save_checkpoint(path, model, preset, corpus):

@@ -31,7 +31,8 @@ class Evaluator:
         self.preset = config.Preset(**settings["preset"])
         confirm = self.preset.at_budget(settings["confirm_steps"] or self.preset.steps)
         large = dataclasses.replace(confirm, n_livs=settings.get("confirm_n_livs") or self.preset.n_livs,
-                                    width=settings.get("confirm_width") or self.preset.width)
+                                    width=settings.get("confirm_width") or self.preset.width,
+                                    compile=False)  # eager: a size the warm-up never saw (README: "Compilation")
         rungs = {stage(r): self.preset.at_budget(b) for r, b in enumerate(settings["rungs"][1:], 1)}  # retrained at each
         self.presets = {stage(0): self.preset, "confirm": confirm, "large": large, **rungs}
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
