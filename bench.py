@@ -293,7 +293,28 @@ def ops(args):
           f"{device.type}{' compiled' if args.compile else ''}\n{'class':<14}{'ms':>10}{'x SDPA':>8}")
     for name, ms in results.items():
         print(f"{name:<14}{ms:>10.3f}{ms / base:>8.2f}")
+    loop_ms, chunk_ms, short = recurrence_vs_loop(args, device)
+    print(f"\nrecurrence: chunked {chunk_ms:.3f} ms at length {args.seq_len}; Python loop {loop_ms:.3f} ms at "
+          f"length {short}, extrapolated x{args.seq_len / short:.0f} = {loop_ms * args.seq_len / short:.1f} ms "
+          f"({loop_ms * args.seq_len / short / chunk_ms:.0f}x the chunked form)")
     return results
+
+
+def recurrence_vs_loop(args, device):
+    """The chunked recurrence against the naive loop over time (forward only; the loop at a
+    shorter length, extrapolated linearly)."""
+    h, n, k = args.heads, 16, args.width // args.heads
+    short = min(args.seq_len, 256)
+
+    def inputs(length):
+        q, kk = (torch.randn(args.batch, h, length, n, device=device) for _ in range(2))
+        return q, kk, torch.randn(args.batch, h, length, k, device=device), -torch.rand(args.batch, h, length, device=device)
+
+    full, part = inputs(args.seq_len), inputs(short)
+    with torch.no_grad():
+        chunk_ms = median_ms(lambda _: liv.chunked_recurrence(*full, args.chunk), device, args.reps, args.warmup)
+        loop_ms = median_ms(lambda _: liv.recurrence_reference(*part), device, max(1, args.reps // 3), 1)
+    return loop_ms, chunk_ms, short
 
 
 def candidates(args):
