@@ -169,6 +169,7 @@ def search(run, pool, log=print):
         run.save()
     confirm(run, pool, log)
 
+
 def ranked(run, compacts, rung=None):
     """NSGA-II's (rank, crowding) of these models, with the rung-first rule (ours, successive
     halving; the one place selection meets rungs): every model that reached a higher rung ranks
@@ -183,7 +184,6 @@ def ranked(run, compacts, rung=None):
         rank[rows] += fronts_above
         fronts_above = rank[rows].max() + 1
     return rank, crowd
-
 
 
 def train_generation(run, pool, log):

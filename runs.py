@@ -6,7 +6,6 @@ state; this module only keeps it safe.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import time
 import uuid
@@ -202,8 +201,8 @@ def check_result(e, depths, where):
         raise ValueError(f"{where}: its genome, key or summary is not that of {e['compact'][:40]}")
     if config.field(e, "status", (str,), where) not in ("ok", "failed"):
         raise ValueError(f"{where}.status is {e['status']!r}, not ok or failed")
-    ppl = config.field(e, "ppl", (int, float, type(None)), where)
-    if e["status"] == "ok" and not (ppl is not None and math.isfinite(ppl) and ppl >= 1):
+    ppl = config.field(e, "ppl", (int, float, type(None)), where)  # finite if a number (config.field)
+    if e["status"] == "ok" and not (ppl is not None and ppl >= 1):
         raise ValueError(f"{where}.ppl is {ppl!r} for a model that trained")
     if e["status"] == "failed":
         config.field(e, "error", (str,), where)
@@ -212,8 +211,7 @@ def check_result(e, depths, where):
             raise ValueError(f"{where}.{key} is negative")
     for key in ("seconds", "train_seconds", "measure_seconds", "first_step_seconds", "eval_seconds",
                 "tokens_per_second", "latency_ms"):
-        if (key in e or key in ("seconds", "train_seconds")) and not (
-                math.isfinite(config.field(e, key, (int, float), where)) and e[key] >= 0):
+        if (key in e or key in ("seconds", "train_seconds")) and not config.field(e, key, (int, float), where) >= 0:
             raise ValueError(f"{where}.{key} is {e[key]!r}, not a finite number >= 0")
     check_probes(e, where)
 
