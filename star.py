@@ -172,8 +172,9 @@ def configure_compile():
 
 def guarded(compiled, eager, key, variant):
     """compiled, unless it raises for this class (key): then eager, for this call and for every
-    model of the process after it (ours). Compilation is lazy, so a compiler error surfaces at a
-    variant's first call, before anything ran; EAGER keeps which variant failed and why."""
+    model of the process after it, with a warning line (ours). Compilation is lazy, so a compiler
+    error surfaces at a variant's first call (in the warm-up, or at a shape it never saw), before
+    anything ran; EAGER keeps which variant failed and why."""
     def call(*args):
         if key not in EAGER:
             try:
@@ -184,23 +185,22 @@ def guarded(compiled, eager, key, variant):
                 while (e.__cause__ or getattr(e, "inner_exception", None)) is not None:  # the compiler's own error
                     e = e.__cause__ or e.inner_exception
                 EAGER[key] = f"{variant}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                print(f"warning: compile failed for {EAGER[key]}; {key} runs eagerly from now on", file=sys.stderr)
         return eager(*args)
     return call
 
 
 def warm_up(preset, source, device="cpu", log=None):
     """Compile every residual-block variant of the catalogue once (genome.every_variant, one
-    training step on the data source) so that no candidate of a search compiles anything. Each
-    variant that fails to compile is named in a line, and its class runs eagerly (EAGER); a
-    failure that names no variant stops the warm-up with one line (ValueError). Returns (graphs
-    compiled, seconds)."""
+    training step on the data source) so that no candidate of a search compiles anything. A
+    variant that fails to compile is named in a warning, and its class runs eagerly (guarded); a
+    failure that names no variant stops the warm-up with one line (ValueError). The last line
+    gives the graphs and the eager classes. Returns (graphs compiled, seconds)."""
     from torch._dynamo.utils import counters
-    before, start, failed = counters["stats"]["unique_graphs"], time.perf_counter(), set(EAGER)
+    before, start = counters["stats"]["unique_graphs"], time.perf_counter()
     g = gn.every_variant()
     result = train_candidate(g, source, dataclasses.replace(preset, n_livs=len(g), steps=1, eval_batches=1), device)
     graphs, seconds = counters["stats"]["unique_graphs"] - before, time.perf_counter() - start
-    for key in sorted(set(EAGER) - failed):
-        log and log(f"compile failed for {EAGER[key]}; {key} runs eagerly in every model of this run")
     if result["status"] != "ok":
         raise ValueError(f"the compile warm-up failed ({result.get('error')}); run with --no-compile")
     log and log(f"compiled the catalogue's {len(g)} LIV variants: {graphs} graphs in {seconds:.1f} s; "
