@@ -2108,3 +2108,26 @@ def test_a_variant_that_fails_to_compile_is_named_and_its_class_runs_eagerly(cor
     assert star.train_candidate(hyena, corpus, dataclasses.replace(preset, n_livs=6), "cpu")["status"] == "ok"
     assert set(star.EAGER) == {"GConv-2", "GConv-2-Diff"} and "compile failed" not in capsys.readouterr().err
     torch._dynamo.reset()
+
+
+def test_shapes_the_warm_up_never_sees_run_eagerly(corpus, monkeypatch):
+    """The probes (their own lengths and batches) and the larger confirmation size compile
+    nothing after the warm-up: they run eagerly, as the README says. Dynamo's eager backend."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    import workers
+    for name, value in (("COMPILE_BACKEND", "eager"), ("COMPILED", {}), ("EAGER", {})):
+        monkeypatch.setattr(star, name, value)
+    torch._dynamo.reset()
+    preset = dataclasses.replace(config.PRESETS["tiny"], width=16, heads=2, seq_len=16, batch_size=2, eval_batches=1,
+                                 steps=2, n_livs=2, compile=True)
+    settings = {"preset": dataclasses.asdict(preset), "confirm_steps": 4, "confirm_n_livs": 4, "confirm_width": 32,
+                "rungs": [2], "data": None, "vocab_size": None, "objective": "quality", "probes": True,
+                "preset_name": "tiny"}
+    evaluator = workers.Evaluator(settings, "cpu")  # warms the catalogue up at the search's shapes
+    before = counters["stats"]["unique_graphs"]
+    probe = dataclasses.replace(probes.TASKS["recall"], steps=2, batch=2)
+    assert star.probe(gn.baseline("transformer++", 2), preset, "cpu", [probe])["status"] == "ok"
+    large = evaluator(gn.to_compact(gn.baseline("transformer++", 4)), "large", 1)
+    assert large["status"] == "ok" and counters["stats"]["unique_graphs"] == before > 0
+    torch._dynamo.reset()
