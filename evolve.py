@@ -463,25 +463,14 @@ def main(argv=None):
     args = runs.parse_args(argv)
     if args.compare:
         return compare(args.compare)
-    store, shared, rank, world = workers.distributed()
-    if rank > 0:
-        return workers.serve(store, rank, world)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    try:
-        run, evaluator = runs.start(args, world, log, shared)
-    except ValueError as e:
-        if store is not None:
-            store.set("settings", json.dumps({"abort": str(e)}))
-        config.fail(e)
-    pool = workers.StoreWorkers(evaluator, store, rank, world, args.lease) if store is not None \
-        else workers.Workers(evaluator)
-    if store is not None:
-        shared.set("run_id", run.settings["run_id"])  # a restart of this group resumes this run, no other
-        store.set("settings", json.dumps({**run.settings, "lease": args.lease}))
+    run, pool = runs.start(args, log)
+    if run is None:  # a torchrun worker, done
+        return
     s = run.settings
     log(f"STAR search: objective {s['objective']}, preset {s['preset_name']}, population {s['population']}, "
-        f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {s['device']} x {world} process(es), "
-        f"{s['threads']} thread(s) each; writing to {run.out}\n{config.budget_note(evaluator.preset, len(evaluator.corpus.train))}")
+        f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {s['device']} x {pool.world} process(es), "
+        f"{s['threads']} thread(s) each; writing to {run.out}\n{config.budget_note(pool.evaluate.preset, len(pool.evaluate.corpus.train))}")
     trainings, tokens = planned_compute(s)
     log(f"compute: up to {trainings} trainings, {report.fmt_count(tokens)} tokens (rungs {','.join(map(str, s['rungs']))}, "
         f"confirmation {s['confirm_steps']} steps); the time left is estimated from the measured speed after each")

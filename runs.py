@@ -412,19 +412,34 @@ def open_run(args, world, log, shared=None):
     return Run(out, settings_from_args(args, log))
 
 
-def start(args, world, log, shared=None):
-    """The run (new or resumed) on its device, and its evaluator; every check before any write."""
-    run = open_run(args, world, log, shared)
-    device = config.resolve_device(args.device)
-    run.settings["device"] = device
-    torch.set_num_threads(run.settings["threads"])
-    if run.settings["objective"] == "quality-latency":
-        import bench  # only the latency objective needs it
-        run.settings["latency_note"] = bench.search_latency_note(device)
-    evaluator = workers.Evaluator(run.settings, workers.rank_device(device) if world > 1 else device,
-                                  log if world == 1 else lambda s: log(f"[rank 0] {s}"))
-    config.output_dir(run.out)  # created only once everything else has been checked
-    return run, evaluator
+def start(args, log):
+    """The run (new or resumed) on its device and the pool that trains its tasks: this process, or
+    a torchrun group whose rank 0 publishes the settings (the other ranks serve it, then return
+    (None, None)). Every check comes before any write; a refusal is one line, exit code 1."""
+    store, shared, rank, world = workers.distributed()
+    if rank > 0:
+        workers.serve(store, rank, world)
+        return None, None
+    try:
+        run = open_run(args, world, log, shared)
+        device = config.resolve_device(args.device)
+        run.settings["device"] = device
+        torch.set_num_threads(run.settings["threads"])
+        if run.settings["objective"] == "quality-latency":
+            import bench  # only the latency objective needs it
+            run.settings["latency_note"] = bench.search_latency_note(device)
+        evaluator = workers.Evaluator(run.settings, workers.rank_device(device) if world > 1 else device,
+                                      log if world == 1 else lambda s: log(f"[rank 0] {s}"))
+        config.output_dir(run.out)  # created only once everything else has been checked
+    except ValueError as e:
+        if store is not None:
+            store.set("settings", json.dumps({"abort": str(e)}))
+        config.fail(e)
+    if store is None:
+        return run, workers.Workers(evaluator)
+    shared.set("run_id", run.settings["run_id"])  # a restart of this group resumes this run, no other
+    store.set("settings", json.dumps({**run.settings, "lease": args.lease}))
+    return run, workers.StoreWorkers(evaluator, store, rank, world, args.lease)
 
 
 def confirmed_key(compact, stage, seed):
