@@ -371,7 +371,7 @@ def final_table(run):
 
 
 def confirmation_table(run):
-    """report.Confirmed rows for every model of the confirm_set confirmed so far under some seed."""
+    """report.Confirmed rows for every finalist confirmed so far under some seed."""
     s, rank = run.settings, {e["key"]: i + 1 for i, e in enumerate(ranking(run))}
     names = {run.baselines[name]["key"]: name for name in config.SEARCH_BASELINES}
     rows = []

@@ -24,12 +24,12 @@ import probes
 class Results:
     """A search as its report and figures read it."""
     out: str                # the run's directory
-    settings: dict          # the run's settings (evolve.settings_from_args)
+    settings: dict          # the run's settings (runs.settings_from_args)
     objectives: tuple       # the objective's keys, all minimised: ('ppl',), ('ppl', 'cache_bytes'), ...
     evaluations: list       # every candidate trained at the search's budget, in order of completion
     baselines: dict         # baseline name -> result at the search's budget
     top: list               # the final front (several objectives) or the top 10 (one), best first
-    confirmed: list         # Confirmed rows, in the order of evolve.confirm_set
+    confirmed: list         # Confirmed rows, in the order of evolve.finalists
     elapsed: float          # seconds the search has run
     rung_baselines: dict = None  # baseline name -> {rung >= 1: its result there, or None}
     trainings: list = ()    # every training of the search, one per model and rung (evaluations: one per model)
