@@ -52,7 +52,7 @@ PRESETS = {
 }
 SEARCH_DEFAULTS = {  # evolve.py's, per preset (the README gives what each costs)
     "tiny": {"population": 8, "generations": 4, "rungs": None, "confirm_factor": 2, "confirm_top": 2,
-             "confirm_seeds": 2, "rank_check": 2},
+             "confirm_seeds": 3, "rank_check": 2},
     # Successive halving up to the paper's ~10 tokens per parameter (a 24-LIV width-256 baseline has
     # ~9.7M without embeddings: 3,000 steps of 32 x 1,024), the best eighth of each generation
     # retrained there, the confirmation at that target under fresh seeds: ~39% of the 25B tokens of

@@ -331,13 +331,13 @@ def confirmed_result(run, compact, stage, seed):
 
 def finalists(run):
     """The search entries to confirm: the top K distinct candidates (one objective) or K spread
-    along the front from its lowest perplexity (several); then the rank check, R candidates from
-    the middle to the bottom of the search's ranking; then the baselines."""
+    along the front from its lowest perplexity (several); then the rank check, R candidates spread
+    from just below the top to the bottom of the search's ranking; then the baselines."""
     table, k = final_table(run), run.settings["confirm_top"]
     if len(config.OBJECTIVES[run.settings["objective"]]) > 1 and len(table) > k:
         table = [table[i] for i in sorted(set(np.linspace(0, len(table) - 1, k).round().astype(int)))]
     rest, r = [e for e in ranking(run) if e["key"] not in {t["key"] for t in table[:k]}], run.settings["rank_check"]
-    checks = [rest[i] for i in sorted(set(np.linspace(len(rest) // 2, len(rest) - 1, r).round().astype(int)))] \
+    checks = [rest[i] for i in sorted(set(np.linspace(0, len(rest) - 1, r).round().astype(int)))] \
         if rest and r else []
     chosen = [("top", e) for e in table[:k]] + [("rank check", e) for e in checks] + \
         [("baseline", top_rung_baseline(run, n)) for n in config.SEARCH_BASELINES if run.baselines[n]["status"] == "ok"]

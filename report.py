@@ -48,14 +48,12 @@ class Confirmed:
 
 
 def write_outputs(results, log=None):
-    """report.md, best_genome.json (the confirmed best once confirmed; the search's best is kept as
-    search_best_genome.json when they differ) and the figures, if matplotlib is installed."""
-    search_best, confirmed_best = best_genomes(results)
-    best = confirmed_best or search_best
+    """report.md, best_genome.json (the search's choice: the confirmation judges it on fresh seeds
+    and never chooses, so its margins carry no selection luck) and the figures, if matplotlib is
+    installed."""
+    best = search_choice(results)
     if best:
         config.write_file(os.path.join(results.out, "best_genome.json"), gn.to_json(best["genome"]))
-    if confirmed_best and search_best and confirmed_best["key"] != search_best["key"]:
-        config.write_file(os.path.join(results.out, "search_best_genome.json"), gn.to_json(search_best["genome"]))
     try:
         figures = draw_figures(results)
     except ImportError:  # matplotlib is optional
@@ -66,13 +64,11 @@ def write_outputs(results, log=None):
             (", " + ", ".join(f"{f}.png" for f in figures) if figures else ""))
 
 
-def best_genomes(results):
-    """(the search's best entry, the confirmed best entry or None: confirmation retrains perplexity)."""
+def search_choice(results):
+    """The search's best entry (at the highest rung reached, then by the first objective), or None."""
     key = results.objectives[0]
     ok = [e for e in results.evaluations if e["status"] == "ok" and e.get(key) is not None]
-    search_best = min(ok, key=lambda e: searched(e, key)) if ok else None
-    evolved = [c for c in results.confirmed if c.kind != "baseline" and all(key in r for r in c.runs)]
-    return search_best, (min(evolved, key=lambda c: mean(c, key)).search if evolved else None)
+    return min(ok, key=lambda e: searched(e, key)) if ok else None
 
 
 def write_report(results, figures=()):
@@ -109,13 +105,13 @@ def confirmation_section(r):
         return ["Confirmation skipped (--confirm-steps 0): the numbers below hold at the search's budget only.", ""]
     if not rows:
         return [f"Confirmation at {steps} steps: not run yet (it follows the last generation).", ""]
-    sd, dof = spread(rows, key)
+    sd, _ = spread(rows, key)
     again = {c.label: c for c in rows if c.kind == "baseline"}
     large = [c for c in rows if c.large]
     size = f"{len(large[0].large['genome'])} LIVs x {large[0].large['width']}" if large else ""
     table_rows = []
     for c in rows:
-        margins = [(f"{search_margin(r, c, n, key)} → " + fmt_margin(*margin(c, again[n], key, sd, dof), key))
+        margins = [(f"{search_margin(r, c, n, key)} → " + fmt_margin(*margin(c, again[n], key), key))
                    if n in again and c.kind != "baseline" else "-" for n in names]
         table_rows.append([c.label, c.kind, f"`{c.search['summary']}`", f"{c.search[key]:.3f}{steps_of(r, c.search)}",
                            fmt_mean(c, key)] +
@@ -123,13 +119,13 @@ def confirmation_section(r):
     order = sorted(range(len(rows)), key=lambda i: searched(rows[i].search, key))
     places = [float(order.index(i)) for i in range(len(rows))]  # the search's order (rungs first)
     lines = [f"## Confirmed result: {len(rows)} models retrained for {steps} steps (search: {base}) under "
-             f"seed(s) {', '.join(str(x['seed']) for x in rows[0].runs)}", "", verdict(r, sd, dof), "",
+             f"seed(s) {', '.join(str(x['seed']) for x in rows[0].runs)}", "", verdict(r), "",
              *table(["model", "kind", "architecture", f"{key}, {base}", f"{key}, {steps} steps (mean ± sd)"] +
                     ([f"{key}, {size}"] if large else []) + [f"vs {n}, {base} → {steps} steps" for n in names],
                     table_rows), "",
-             rule_line(sd, dof, key), "",
-             "Rank check (the search's order at the longer budget, over the top, the rank-check candidates from the "
-             f"middle and bottom of the search, and the baselines): "
+             rule_line(sd, key), "",
+             "Rank check (the search's order at the longer budget, over the top, the rank-check candidates spread "
+             f"from just below the top to the bottom of the search, and the baselines): "
              f"{correlation_line(places, [mean(c, key) for c in rows])}"]
     if len(large) > 1:
         lines += ["", f"At the larger size ({size}, seed {large[0].large['seed']}) against the confirmed means: "
@@ -147,33 +143,36 @@ def search_margin(r, c, name, key):
     return pct(c.search[key], b[key], key) if b and b["status"] == "ok" and key in b else "-"
 
 
-def verdict(r, sd, dof):
-    """Is the search's best still the best, and is the confirmed best ahead of each baseline by
-    more than the measured spread?"""
+def verdict(r):
+    """Is the search's choice still the best confirmed candidate, and is it ahead of each baseline
+    by more than its paired interval, on seeds the search never used?"""
     key, rows = r.objectives[0], r.confirmed
     evolved = [c for c in rows if c.kind != "baseline"]
     if not evolved:
         return "No evolved candidate was confirmed."
-    best, top = min(evolved, key=lambda c: mean(c, key)), min(evolved, key=lambda c: searched(c.search, key))
+    best, choice = min(evolved, key=lambda c: mean(c, key)), min(evolved, key=lambda c: searched(c.search, key))
     steps = r.settings["confirm_steps"]
-    first = (f"The search's best ({top.label}) is still the best confirmed candidate at {steps} steps" if best is top
-             else f"The search's best ({top.label}) is no longer the best at {steps} steps ({best.label} is)")
+    first = (f"The search's choice ({choice.label}) is still the best confirmed candidate at {steps} steps" if best is choice
+             else f"The search's choice ({choice.label}) is no longer the best at {steps} steps ({best.label} is)")
     parts = []
     for b in (c for c in rows if c.kind == "baseline"):
-        d, lo, hi = margin(best, b, key, sd, dof)
+        d, lo, hi = margin(choice, b, key)
         parts.append(f"{'ahead of' if d < 0 else 'behind'} {b.label} ({fmt_margin(d, lo, hi, key)})" if called(lo, hi)
                      else f"level with {b.label} ({fmt_margin(d, lo, hi, key)}, " +
-                     ("inside the spread)" if lo is not None else "one seed: not resolved)"))
-    return first + (f"; the confirmed best ({best.label}) is " + ", ".join(parts) if parts else "") + "."
+                     ("inside its interval)" if lo is not None else "one seed: not resolved)"))
+    return first + (f"; judged on seeds the search never used, {choice.label} is " + ", ".join(parts)
+                    if parts else "") + "."
 
 
-def rule_line(sd, dof, key):
+def rule_line(sd, key):
     if sd is None:
         return ("One seed per model: no seed-to-seed spread is measured, so no margin is called real "
                 "(run with --confirm-seeds 2 or more).")
     unit = f"{100 * (math.exp(sd) - 1):.1f}% of perplexity" if key == "ppl" else f"{100 * sd:.1f} points"
-    return (f"Rule: a margin is called only when its 95% interval (Student's t, {dof} degrees of freedom, from the "
-            f"seed-to-seed spread pooled over the confirmed models: sd {unit}) excludes zero; else it is inside the noise.")
+    return ("Rule: margins are paired (every model trains under the same seeds, data order and validation batches): "
+            "the mean of the per-seed differences, called only when its 95% interval (Student's t over the seeds, "
+            "n - 1 degrees of freedom) excludes zero; else it is inside the noise. Each model's own spread is its "
+            f"± sd above (pooled over the confirmed models: sd {unit}).")
 
 
 def correlation_line(a, b):
@@ -187,15 +186,13 @@ def correlation_line(a, b):
 def context_lines(r):
     """What the spread can resolve, and what the within-run evolution line compares."""
     lines, s, key = [], r.settings, r.objectives[0]
-    sd, dof = spread(r.confirmed, key)
+    sd, _ = spread(r.confirmed, key)
     if sd is not None and key == "ppl":
-        n = s["confirm_seeds"]
-        h = 100 * (math.exp(t975(dof) * sd * math.sqrt(2 / n)) - 1)
         lines.append(f"- Noise floor: perplexity varies by {100 * (math.exp(sd) - 1):.1f}% (sd) from seed to seed at "
-                     f"{s['confirm_steps']} steps; with {n} seeds per model a margin must exceed about {h:.1f}% to be "
-                     "called (smaller margins are not resolved).")
+                     f"{s['confirm_steps']} steps, pooled over the confirmed models; a paired margin cancels what two "
+                     "models share under a seed, so its own interval is the floor it has to clear.")
     randoms = [e for e in r.evaluations if e["generation"] == 0 and e["status"] == "ok" and e.get(key) is not None]
-    search_best, _ = best_genomes(r)
+    search_best = search_choice(r)
     if s.get("random_search"):
         lines.append(f"- This run is the random-search control (--random-search): all {len(r.evaluations)} candidates "
                      "were drawn at random; set it beside a search with `python evolve.py --compare DIR DIR`.")
@@ -210,8 +207,9 @@ def context_lines(r):
 
 def compare_section(runs):
     """Finished runs side by side (a search and its --random-search control, several seeds): the
-    confirmed best of each, its margin to each baseline, and evolution against random search for
-    each seed that has both, every margin with its 95% interval from the runs' pooled spread."""
+    search's choice of each, judged at the confirmation, its margin to each baseline, and evolution
+    against random search for each seed that has both, every margin paired by confirmation seed
+    (runs of the same search seed share them) with its 95% interval."""
     key = runs[0].objectives[0]
     names = list(runs[0].baselines)
     rows, best = [], {}
@@ -219,22 +217,20 @@ def compare_section(runs):
         evolved = [c for c in r.confirmed if c.kind != "baseline"]
         if not evolved:
             raise ValueError(f"{r.out}: no confirmed candidate (the run has not finished its confirmation)")
-        b = best[(r.settings["seed"], search_kind(r.settings))] = min(evolved, key=lambda c: mean(c, key))
-        sd, dof = spread(r.confirmed, key)
+        b = best[(r.settings["seed"], search_kind(r.settings))] = min(evolved, key=lambda c: searched(c.search, key))
         again = {c.label: c for c in r.confirmed if c.kind == "baseline"}
         rows.append([r.out, search_kind(r.settings), r.settings["seed"],
                      f"{b.label} `{b.search['summary'][:40]}`", fmt_mean(b, key)] +
-                    [f"{fmt_mean(again[n], key)}; {fmt_margin(*margin(b, again[n], key, sd, dof), key)}"
+                    [f"{fmt_mean(again[n], key)}; {fmt_margin(*margin(b, again[n], key), key)}"
                      if n in again else "-" for n in names] + [f"{r.elapsed / 60:.1f}"])
-    sd, dof = spread([c for r in runs for c in r.confirmed], key)
-    lines = table(["run", "search", "seed", "confirmed best", f"{key} (mean ± sd)"] +
+    lines = table(["run", "search", "seed", "search's choice", f"{key} (mean ± sd)"] +
                   [f"{n}: mean ± sd; best's margin" for n in names] + ["minutes"], rows)
     for kind in sorted({k for _, k in best} - {"random"}):
         pairs = sorted(seed for seed, k in best if k == kind and (seed, "random") in best)
         if not pairs:
             continue
-        d = [margin(best[(seed, kind)], best[(seed, "random")], key, sd, dof) for seed in pairs]
-        lines += ["", f"{kind.capitalize()} against random search, confirmed best against confirmed best "
+        d = [margin(best[(seed, kind)], best[(seed, "random")], key) for seed in pairs]
+        lines += ["", f"{kind.capitalize()} against random search, choice against choice "
                   "(negative: the search lower): " + ", ".join(f"seed {seed}: {fmt_margin(*m, key)}"
                                                                for seed, m in zip(pairs, d)) +
                   f"; mean {fmt_margin(float(np.mean([m[0] for m in d])), None, None, key)}; "
@@ -332,11 +328,8 @@ def recall_motifs(r):
 def draw_figures(r):
     """Every figure of a run, written beside its report; returns their names."""
     import plots  # matplotlib is optional: ImportError without it
-    search_best, confirmed_best = best_genomes(r)
-    genomes = [(f"best ({'confirmed' if confirmed_best else 'search'})", (confirmed_best or search_best)["genome"])
-               ] if search_best else []
-    if confirmed_best and search_best and confirmed_best["key"] != search_best["key"]:
-        genomes.append(("search's best", search_best["genome"]))
+    choice = search_choice(r)
+    genomes = [("the search's choice", choice["genome"])] if choice else []
     genomes += [(name, b["genome"]) for name, b in r.baselines.items()]
     s = r.settings
     figures = {"architecture": lambda p: plots.architecture(genomes, p),
@@ -467,14 +460,16 @@ def spread(rows, key):
     return math.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof), dof
 
 
-def margin(a, b, key, sd, dof):
-    """Confirmed model a against b: (difference of means on the margin scale, low, high) of the 95%
-    interval; low and high are None without a measured spread."""
-    d = scale(mean(a, key), key) - scale(mean(b, key), key)
-    if sd is None:
-        return d, None, None
-    h = t975(dof) * sd * math.sqrt(1 / len(a.runs) + 1 / len(b.runs))
-    return d, d - h, d + h
+def margin(a, b, key):
+    """Confirmed model a against b, paired by seed: (mean of the per-seed differences on the margin
+    scale, low, high) of its 95% Student-t interval over the seeds both were trained under; low and
+    high are None with one such seed."""
+    x, y = ({run["seed"]: scale(run[key], key) for run in c.runs} for c in (a, b))
+    d = np.array([x[seed] - y[seed] for seed in sorted(x.keys() & y.keys())])
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else float("nan")), None, None
+    h = t975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - h), float(d.mean() + h)
 
 
 def called(low, high):

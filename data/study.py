@@ -1,4 +1,4 @@
-"""Retrain the confirmed bests of finished searches, and all three baselines, at a long budget on
+"""Retrain the search's choices (best_genome.json) of finished searches, and all three baselines, at a long budget on
 one corpus, and print each search's margins to the baselines with their spread over search seeds.
 
     python data/study.py runs/study/* --steps 1200 --out runs/study/long-shakespeare.json
