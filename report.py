@@ -77,7 +77,8 @@ def write_report(results, figures=()):
              f"Preset `{s['preset_name']}` ({', '.join(f'{k}={v}' for k, v in s['preset'].items())}); "
              f"population {s['population']}, {s['generations']} generations, mutation {s['mutation']}, "
              f"seed {s['seed']}, {s['threads']} thread(s), data {s['data'] or 'embedded Shakespeare (bytes)'}, "
-             f"device {s['device']}. {len(r.evaluations)} candidates trained in {r.elapsed / 60:.1f} min.", ""]
+             f"device {s['device']}. {len(r.evaluations)} candidates trained in {r.elapsed / 60:.1f} min; "
+             f"search compute {compute(r)} (besides the baselines and the confirmation).", ""]
     lines += confirmation_section(r) + context_lines(r)
     if "latency_ms" in r.objectives:
         lines += [f"Latency: {s.get('latency_note', '')}", ""]
@@ -222,9 +223,9 @@ def compare_section(runs):
         rows.append([r.out, search_kind(r.settings), r.settings["seed"],
                      f"{b.label} `{b.search['summary'][:40]}`", fmt_mean(b, key)] +
                     [f"{fmt_mean(again[n], key)}; {fmt_margin(*margin(b, again[n], key), key)}"
-                     if n in again else "-" for n in names] + [f"{r.elapsed / 60:.1f}"])
+                     if n in again else "-" for n in names] + [compute(r), f"{r.elapsed / 60:.1f}"])
     lines = table(["run", "search", "seed", "search's choice", f"{key} (mean ± sd)"] +
-                  [f"{n}: mean ± sd; best's margin" for n in names] + ["minutes"], rows)
+                  [f"{n}: mean ± sd; choice's margin" for n in names] + ["search compute", "minutes"], rows)
     for kind in sorted({k for _, k in best} - {"random"}):
         pairs = sorted(seed for seed, k in best if k == kind and (seed, "random") in best)
         if not pairs:
@@ -268,6 +269,13 @@ def top_section(r):
     return [f"## {title}, with the baselines ({budget}, seed {s['seed']})", "", *rung_lines(r),
             *table(["", "architecture", "ppl", *[f"ppl vs {n}" for n in r.baselines], "params", "cache bytes"]
                    + [name for name, _ in extra], rows)]
+
+
+def compute(r):
+    """What the search's trainings cost (every candidate at every rung it trained at, once per
+    distinct model): '1,920 candidate-steps, 3.9M tokens', so runs compare at equal compute."""
+    steps = sum(r.settings["rungs"][e.get("rung", 0)] for e in r.trainings)
+    return f"{steps:,} candidate-steps, {fmt_count(steps * r.settings['preset']['batch_size'] * r.settings['preset']['seq_len'])} tokens"
 
 
 def rung_lines(r):

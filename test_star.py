@@ -548,6 +548,10 @@ def search_args(out, *extra):
             "--out", str(out), *extra]
 
 
+def report_count(n):
+    return f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
 def strict_json(text):
     """json.loads that refuses NaN/Infinity, which are not JSON (jq and browsers reject them)."""
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
@@ -567,6 +571,8 @@ def test_search_writes_every_output(tmp_path, capsys):
                                       "seconds"} <= set(evaluations[0])
     report = (tmp_path / "report.md").read_text()
     assert "baseline transformer++" in report and "baseline striped-mamba" in report and "Motifs" in report
+    steps = 3 * len(evaluations)  # every distinct candidate once, at 3 steps of 2 x 16 tokens
+    assert f"search compute {steps:,} candidate-steps, {report_count(steps * 32)} tokens" in report
     search_best = gn.load(str(tmp_path / "best_genome.json"))  # the search's choice, whatever the confirmation says
     assert gn.validate(search_best) == [] and not (tmp_path / "search_best_genome.json").exists()
     assert min(e["ppl"] for e in evaluations if e["status"] == "ok") == pytest.approx(
