@@ -3,7 +3,7 @@ search writes, and how to read it"). Everything here is a function of one `Resul
 evolve.py builds after each generation; nothing here reaches back into the search loop.
 
 The report leads with the confirmation (the confirmed models at both budgets, a verdict and a
-rank correlation), then how to read the margins (noise floor, evolution against random search),
+rank correlation), then how to read them (evolution against random search),
 the top 10 or the Pareto front with margins to every baseline, motif tables, failures, figures
 and the legend.
 """
@@ -106,7 +106,6 @@ def confirmation_section(r):
         return ["Confirmation skipped (--confirm-steps 0): the numbers below hold at the search's budget only.", ""]
     if not rows:
         return [f"Confirmation at {steps} steps: not run yet (it follows the last generation).", ""]
-    sd, _ = spread(rows, key)
     again = {c.label: c for c in rows if c.kind == "baseline"}
     large = [c for c in rows if c.large]
     size = f"{len(large[0].large['genome'])} LIVs x {large[0].large['width']}" if large else ""
@@ -124,7 +123,7 @@ def confirmation_section(r):
              *table(["model", "kind", "architecture", f"{key}, {base}", f"{key}, {steps} steps (mean ± sd)"] +
                     ([f"{key}, {size}"] if large else []) + [f"vs {n}, {base} → {steps} steps" for n in names],
                     table_rows), "",
-             rule_line(sd, key), "",
+             rule_line(max(len(c.runs) for c in rows)), "",
              "Rank check (the search's order at the longer budget, over the top, the rank-check candidates spread "
              f"from just below the top to the bottom of the search, and the baselines): "
              f"{correlation_line(places, [mean(c, key) for c in rows])}"]
@@ -165,15 +164,14 @@ def verdict(r):
                     if parts else "") + "."
 
 
-def rule_line(sd, key):
-    if sd is None:
+def rule_line(seeds):
+    if seeds < 2:
         return ("One seed per model: no seed-to-seed spread is measured, so no margin is called real "
                 "(run with --confirm-seeds 2 or more).")
-    unit = f"{100 * (math.exp(sd) - 1):.1f}% of perplexity" if key == "ppl" else f"{100 * sd:.1f} points"
     return ("Rule: margins are paired (every model trains under the same seeds, data order and validation batches): "
             "the mean of the per-seed differences, called only when its 95% interval (Student's t over the seeds, "
             "n - 1 degrees of freedom) excludes zero; else it is inside the noise. Each model's own spread is its "
-            f"± sd above (pooled over the confirmed models: sd {unit}).")
+            "± sd above.")
 
 
 def correlation_line(a, b):
@@ -185,13 +183,8 @@ def correlation_line(a, b):
 
 
 def context_lines(r):
-    """What the spread can resolve, and what the within-run evolution line compares."""
+    """What the within-run evolution line compares, and where the control is."""
     lines, s, key = [], r.settings, r.objectives[0]
-    sd, _ = spread(r.confirmed, key)
-    if sd is not None and key == "ppl":
-        lines.append(f"- Noise floor: perplexity varies by {100 * (math.exp(sd) - 1):.1f}% (sd) from seed to seed at "
-                     f"{s['confirm_steps']} steps, pooled over the confirmed models; a paired margin cancels what two "
-                     "models share under a seed, so its own interval is the floor it has to clear.")
     randoms = [e for e in r.evaluations if e["generation"] == 0 and e["status"] == "ok" and e.get(key) is not None]
     search_best = search_choice(r)
     if s.get("random_search"):
@@ -456,16 +449,6 @@ def mean(c, key):
     """A confirmed model's mean over its seeds, back on the value's own scale."""
     m = float(np.mean([scale(x[key], key) for x in c.runs]))
     return math.exp(m) if key == "ppl" else m
-
-
-def spread(rows, key):
-    """(pooled seed-to-seed standard deviation on the margin scale, its degrees of freedom), or
-    (None, 0) when no model was confirmed under two seeds or more."""
-    groups = [np.array([scale(x[key], key) for x in c.runs]) for c in rows if len(c.runs) > 1]
-    dof = sum(len(g) - 1 for g in groups)
-    if not dof:
-        return None, 0
-    return math.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof), dof
 
 
 def margin(a, b, key):
