@@ -455,9 +455,7 @@ def add_args(s, name):
     s.add_argument("--warmup", type=number("warmup"), default=3, help="untimed warm-up repetitions")
     s.add_argument("--compile", action="store_true", help="time torch.compile'd code")
     if name in ("latency", "train"):
-        source = s.add_mutually_exclusive_group(required=True)
-        source.add_argument("--genome", help="genome JSON file or compact form")
-        source.add_argument("--baseline", help=f"one of {', '.join(gn.BASELINES)}")
+        config.add_genome_source(s)
         s.add_argument("--n-livs", type=number("n_livs"), default=None, help="LIVs in depth (default: the preset's)")
         s.add_argument("--vocab-size", type=number("vocab_size"), default=256, help="vocabulary")
         s.add_argument("--max-len", type=number("max_len"), default=2048, help="longest sequence (the long filter's length)")

@@ -307,6 +307,11 @@ def confirm(run, pool, log):
         log(f"{kind} {entry['summary'][:40]:40s} seed {seed}  {report.describe(entry, pool.world)}")
 
 
+def finalist_count(s):
+    """How many models the confirmation retrains per seed: the top, the rank check, the baselines."""
+    return s["confirm_top"] + s["rank_check"] + len(config.SEARCH_BASELINES)
+
+
 def confirmation_seeds(s):
     return [s["seed"] + 1 + i for i in range(s["confirm_seeds"])]
 
@@ -422,7 +427,7 @@ def time_left(run, world=1):
                                         for e in run.evaluations)) * cost[r]
     confirm = 0
     if s["confirm_steps"]:
-        models = s["confirm_top"] + s["rank_check"] + len(config.SEARCH_BASELINES)
+        models = finalist_count(s)
         large = runs.large_size(s)
         todo = {"confirm": models * s["confirm_seeds"], "large": models if large else 0}
         for c in run.confirmed.values():
@@ -441,7 +446,7 @@ def planned_compute(s):
     the confirmation (the larger size counted as trainings, its tokens as at the search's size)."""
     search = [(n * s["generations"] + len(config.SEARCH_BASELINES), b)
               for n, b in zip(rung_sizes(s, s["population"]), s["rungs"])]
-    models = s["confirm_top"] + s["rank_check"] + len(config.SEARCH_BASELINES)
+    models = finalist_count(s)
     confirm = models * (s["confirm_seeds"] + bool(runs.large_size(s))) if s["confirm_steps"] else 0
     steps = sum(n * b for n, b in search) + confirm * s["confirm_steps"]
     return sum(n for n, _ in search) + confirm, steps * s["preset"]["batch_size"] * s["preset"]["seq_len"]

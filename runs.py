@@ -101,14 +101,15 @@ def upgrade(state):
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         return state
     if state.get("version") == 2 and isinstance(state.get("extra"), dict):
-        state = {**state, "version": 3, "noise": {}, "confirmed": {}}
+        state = {**state, "version": 3, "confirmed": {}}
         if "batch" in state:
             state["pending"] = state.pop("batch")
         for key, entry in state.pop("extra").items():
             stage, _, model = key.partition(":")
             if stage not in ("seed", "confirm"):
                 raise ValueError(f"extra: unknown entry {key[:40]!r}")
-            state["noise" if stage == "seed" else "confirmed"][model] = entry
+            if stage == "confirm":  # 'seed:' entries were the noise run, which version 4 drops
+                state["confirmed"][model] = entry
         for entry in state["confirmed"].values():  # trained at the budget the settings then held
             if isinstance(entry, dict):
                 entry.setdefault("steps", state["settings"].get("confirm_steps"))
