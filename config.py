@@ -32,15 +32,11 @@ class Preset:
     steps: int = 60
     lr: float = 3e-3
     warmup: int = 6
+    decay: float = 0.2  # the share of the budget in the lr's decay (star.lr_at); 1.0: cosine after the warm-up
     eval_batches: int = 8
     chunk: int = 64
     compile: bool = False
     seed: int = 0
-
-    def at_budget(self, steps):
-        """The same preset trained for `steps`, its warm-up scaled in proportion."""
-        return dataclasses.replace(self, steps=steps, warmup=round(self.warmup * steps / self.steps))
-
 
 PRESETS = {
     # CPU (the README gives its cost). With 4 heads, SA-3's repeat factor 4 leaves one K/V head,
@@ -51,14 +47,16 @@ PRESETS = {
                   warmup=200, eval_batches=32, compile=True),
 }
 SEARCH_DEFAULTS = {  # evolve.py's, per preset (the README gives what each costs)
-    "tiny": {"population": 8, "generations": 4, "rungs": None, "confirm_factor": 2, "confirm_top": 2,
-             "confirm_seeds": 3, "rank_check": 2},
-    # Successive halving up to the paper's ~10 tokens per parameter (a 24-LIV width-256 baseline has
-    # ~9.7M without embeddings: 3,000 steps of 32 x 1,024), the best eighth of each generation
-    # retrained there, the confirmation at that target under fresh seeds: ~39% of the 25B tokens of
-    # 16 x 18 candidates at 2,000 steps with a 4x confirmation (README: "The gpu search's compute").
-    "gpu": {"population": 16, "generations": 18, "rungs": [375, 3000], "confirm_factor": 1, "confirm_top": 3,
-            "confirm_seeds": 3, "rank_check": 3},
+    # Asynchronous successive halving from 120 steps (~1 token per non-embedding parameter) to the
+    # paper's ~10 (the tiny baselines have 230-237k: 1,200 steps of 16 x 128), the top third of each
+    # rung continued to the next; the choice confirmed there, under 3 fresh seeds.
+    "tiny": {"population": 8, "generations": 4, "rungs": [120, 400, 1200], "eta": 3,
+             "confirm_top": 2, "confirm_seeds": 3, "rank_check": 2},
+    # Up to the paper's ~10 tokens per parameter (a 24-LIV width-256 baseline has ~9.7M without
+    # embeddings: 3,000 steps of 32 x 1,024), the top eighth continued there (README: "The gpu
+    # search's compute").
+    "gpu": {"population": 16, "generations": 18, "rungs": [375, 3000], "eta": 8,
+            "confirm_top": 3, "confirm_seeds": 3, "rank_check": 3},
 }
 PROBES = {"tiny": probes.TASKS, "gpu": probes.MAD_TASKS}  # ours (CPU-sized), MAD's sizes on the GPU
 
@@ -70,7 +68,7 @@ OBJECTIVES = {  # all minimised
     "quality-recall": ("ppl", "recall_error"),  # recall_error = 1 - mean accuracy of the capability probes
     "recall": ("recall_error",),
 }
-SEARCH_BASELINES = ("transformer++", "striped-mamba")  # of genome.BASELINES: trained and compared by every run
+SEARCH_BASELINES = ("transformer++", "striped-mamba", "striped-hyena")  # of genome.BASELINES: trained and compared by every run
 
 # ---------------------------------------------------------------------------------------------
 # Numbers
@@ -78,14 +76,14 @@ SEARCH_BASELINES = ("transformer++", "striped-mamba")  # of genome.BASELINES: tr
 INT_MAX = 2**31 - 1
 LIMITS = {  # every number any command takes: (lowest, highest); a float bound makes it a real number
     "width": (2, 1 << 16), "heads": (1, 1 << 10), "n_livs": (1, 1 << 12), "seq_len": (2, 1 << 20),
-    "batch_size": (1, 1 << 20), "steps": (1, INT_MAX), "lr": (1e-9, 10.0), "warmup": (0, INT_MAX),
+    "batch_size": (1, 1 << 20), "steps": (1, INT_MAX), "lr": (1e-9, 10.0), "warmup": (0, INT_MAX), "decay": (0.0, 1.0),
     "eval_batches": (1, 1 << 20), "chunk": (1, 1 << 16), "seed": (0, 2**32 - 1), "vocab_size": (2, 1 << 16),
     "threads": (1, 1 << 10), "tokens": (1, 1 << 20), "temperature": (1e-6, 1e6), "top_k": (1, 1 << 16),
     "population": (2, 1 << 16), "generations": (1, 1 << 16), "mutation": (0.0, 1.0), "reps": (1, 1 << 20),
     "prompt_len": (1, 1 << 20), "decode_tokens": (1, 1 << 20), "batch": (1, 1 << 20), "max_len": (2, 1 << 20),
     "peak_tflops": (1e-3, 1e7), "confirm_steps": (0, INT_MAX), "confirm_top": (1, 1 << 10), "genomes": (1, 1 << 16),
     "confirm_seeds": (1, 1 << 10), "rank_check": (0, 1 << 10), "confirm_n_livs": (1, 1 << 12),
-    "confirm_width": (2, 1 << 16), "lease": (1.0, 1e6),
+    "confirm_width": (2, 1 << 16), "lease": (1.0, 1e6), "eta": (2, 1 << 10),
 }
 
 
@@ -262,6 +260,7 @@ class Parser(argparse.ArgumentParser):
 PRESET_HELP = {"width": "model width", "heads": "attention (and recurrence) heads", "n_livs": "LIVs in depth",
                "seq_len": "training sequence length", "batch_size": "sequences per step",
                "steps": "training steps per model", "lr": "peak learning rate", "warmup": "warm-up steps",
+               "decay": "share of the steps in the lr's final decay (1: cosine after the warm-up)",
                "eval_batches": "validation batches", "chunk": "chunk length of the chunked recurrence",
                "compile": "compile residual blocks with torch.compile", "seed": "data order and initialisation seed"}
 

@@ -3,21 +3,23 @@
     python evolve.py --objective quality            # lowest validation perplexity
     python evolve.py --objective quality-cache      # Pareto front of perplexity and cache bytes
     python evolve.py --resume runs/20261126-120000  # continue a killed run
-    python evolve.py --rungs 60,240                 # select at 240 steps by successive halving
+    python evolve.py --rungs 60,240 --eta 4         # other rungs (tiny default: 120,400,1200, eta 3)
 
 Read top-down: NSGA-II (non-dominated sorting, crowding distance, binary tournament, survival),
 on objectives alone; then the search loop (`search`): baselines, a random population,
 generations of children by tournament, 2-point crossover and per-gene mutation (genome.py), each
-trained by star.train_candidate under the same budget, data order and seed (the best retrained at
-longer budgets, with --rungs: `ranked` is the one place rungs meet selection), survival among
-distinct models; then the confirmation of the best at a longer budget under fresh seeds.
+trained by star.train_candidate under the same budget, data order and seed, the best of all so far
+continued to longer budgets (`promote`: asynchronous successive halving; `ranked` is the one place
+rungs meet selection), survival among distinct models; then the confirmation of the search's
+choice at the target budget under fresh seeds.
 The run's state, its checkpoint and the command line are runs.py; who trains (one process or a
 torchrun group) is workers.py; what is written for people (report.md, figures) is report.py.
 """
 import contextlib
+import dataclasses
 import json
-import math
 import os
+import shutil
 
 import numpy as np
 
@@ -139,8 +141,9 @@ def survivors(rank, crowd, n, n_parents, one_objective):
 
 def search(run, pool, log=print):
     """The STAR loop: baselines, a random population, then generations of children and survival
-    (with --rungs, each generation's best retrained at the longer budgets first: successive
-    halving); then the confirmation of the best at a longer budget. Resumes wherever it stopped.
+    (with several rungs, the best of all generations so far continue to the longer budgets after
+    each generation: `promote`); then the confirmation of the best at the target budget under fresh
+    seeds. Resumes wherever it stopped.
     With --random-search (ours: the control of Li and Talwalkar 2019) every generation is drawn at
     random instead, through the same training, survival and confirmation."""
     s = run.settings
@@ -151,8 +154,7 @@ def search(run, pool, log=print):
     while True:
         if run.pending:  # a generation to finish (on resume: part of it may be done, at any rung)
             train_generation(run, pool, log)
-            for rung in range(1, len(s["rungs"])):
-                train_at_rung(run, pool, log, rung, promoted(run, rung))
+            promote(run, pool, log)
             check_something_trained(run)
             run.population, run.pending = next_population(run), []
             run.save()
@@ -167,6 +169,7 @@ def search(run, pool, log=print):
                                      lambda g, rng: gn.mutate(g, rng, s["mutation"]))
         run.generation, run.pending = run.generation + 1, [gn.to_compact(c) for c in children]
         run.save()
+    shutil.rmtree(os.path.join(run.out, "states"), ignore_errors=True)  # (a resume with more generations retrains)
     confirm(run, pool, log)
 
 
@@ -200,7 +203,7 @@ def train_generation(run, pool, log):
             tasks.append((compact, workers.stage(0)))
     for entry in train_and_record(run, pool, tasks, 0):
         log(f"gen {run.generation:2d} cand {index[entry['key']] + 1:2d}/{len(run.pending)}  {entry['compact']}  "
-            f"{report.describe(entry, pool.world)}  ~{star.duration(time_left(run, pool.world))} left in the search")
+            f"{report.describe(entry, pool.world)}  ~{star.duration(time_left(run, pool.world))} left")
 
 
 def train_and_record(run, pool, tasks, rung):
@@ -215,37 +218,46 @@ def train_and_record(run, pool, tasks, rung):
         yield entry
 
 
-def rung_sizes(s, n):
-    """How many of a generation's n models train at each rung (ours: successive halving, Jamieson
-    and Talwalkar 2016): n, then at each rung ceil(n_below * steps_below / steps), so that every rung
-    costs about the same compute (60, 240: the best quarter continue)."""
-    sizes = [n]
-    for below, steps in zip(s["rungs"], s["rungs"][1:]):
-        sizes.append(math.ceil(sizes[-1] * below / steps))
-    return sizes
+def promote(run, pool, log):
+    """Asynchronous successive halving across generations (Li et al. 2020, ASHA; ours in STAR): at
+    each rung, every model in the top 1/eta of all candidates that reached the rung below (of every
+    generation so far, by NSGA-II's order of their results there) continues to this rung, once,
+    from the state kept at the rung below's decay (workers.Evaluator); then the next rung, with
+    what this one added. Deterministic in the results: a resumed or distributed run promotes the same."""
+    for rung in range(1, len(run.settings["rungs"])):
+        compacts = promotable(run, rung)
+        if compacts:
+            log(f"gen {run.generation:2d} rung {rung}: {len(compacts)} more in the top 1/{run.settings['eta']} at "
+                f"{run.settings['rungs'][rung - 1]} steps continue to {run.settings['rungs'][rung]}")
+        for entry in train_and_record(run, pool, [(c, workers.stage(rung)) for c in compacts], rung):
+            log(f"gen {run.generation:2d} rung {rung}  {entry['compact']}  {report.describe(entry, pool.world)}  "
+                f"~{star.duration(time_left(run, pool.world))} left")
+    prune_states(run)
 
 
-def promoted(run, rung):
-    """The generation's models that continue to this rung: the best rung_sizes of those that
-    trained at the rung below, by NSGA-II's order of their results there (reused models included)."""
-    keys = list(dict.fromkeys(model_key(c) for c in run.pending))
-    below = run.at_rung(rung - 1)
-    ok = [below[k]["compact"] for k in keys if k in below and below[k]["status"] == "ok"]
+def prune_states(run):
+    """Delete the kept states that are unlikely to be continued (ours, for disk: a missing state
+    only means a training from scratch, to the same result): a model's state at a rung it has
+    passed, and at its highest rung unless it is within twice the promotion share there."""
+    for rung, steps in enumerate(run.settings["rungs"][:-1]):
+        below, here = run.at_rung(rung), run.at_rung(rung + 1)
+        ok = [e["compact"] for e in below.values() if e["status"] == "ok"]
+        order = best_first(*ranked(run, ok, rung)) if ok else []
+        hopeful = {model_key(ok[i]) for i in order[: 2 * len(ok) // run.settings["eta"]]} - set(here)
+        for e in below.values():
+            if e["key"] not in hopeful:
+                with contextlib.suppress(OSError):
+                    os.remove(workers.state_path(run.out, e["compact"], steps))
+
+
+def promotable(run, rung):
+    """The models in the top 1/eta of the rung below that have no result at this rung (a transient
+    failure there is tried again), best first."""
+    below, here = run.at_rung(rung - 1), run.at_rung(rung)
+    ok = [e["compact"] for e in below.values() if e["status"] == "ok"]
     order = best_first(*ranked(run, ok, rung - 1)) if ok else []
-    return [ok[i] for i in order[: rung_sizes(run.settings, len(keys))[rung]]]
-
-
-def train_at_rung(run, pool, log, rung, compacts):
-    """Retrain the promoted models from scratch at the rung's budget (ours: each result is that of
-    one training under the rung's own cosine schedule; README: "Successive halving")."""
-    done = run.at_rung(rung)
-    tasks = [(c, workers.stage(rung)) for c in compacts if model_key(c) not in done or done[model_key(c)].get("transient")]
-    if tasks:
-        log(f"gen {run.generation:2d} rung {rung}: {len(compacts)} of the generation's best continue to "
-            f"{run.settings['rungs'][rung]} steps ({len(tasks)} to train)")
-    for entry in train_and_record(run, pool, tasks, rung):
-        log(f"gen {run.generation:2d} rung {rung}  {entry['compact']}  {report.describe(entry, pool.world)}  "
-            f"~{star.duration(time_left(run, pool.world))} left in the search")
+    top = [ok[i] for i in order[: len(ok) // run.settings["eta"]]]
+    return [c for c in top if model_key(c) not in here or here[model_key(c)].get("transient")]
 
 
 def next_population(run):
@@ -265,17 +277,17 @@ def next_population(run):
 
 
 def run_baselines(run, pool, log):
-    """Both baselines at the search's budget, and at each later rung ('name@steps'): every margin
-    of the report is to them, at the budget of the result it is a margin of."""
+    """The baselines at the first rung, then continued through every later rung ('name@steps'):
+    every margin of the report is to them, at the budget of the result it is a margin of."""
     rungs = run.settings["rungs"]
-    todo = [(name + (f"@{rungs[r]}" if r else ""), c, r) for name, c in baseline_compacts(run).items()
-            for r in range(len(rungs))]
-    todo = [t for t in todo if t[0] not in run.baselines]
-    for t, result, rank in pool.map([(c, workers.stage(r)) for _, c, r in todo]):
-        name, compact, rung = todo[t]
-        run.baselines[name] = entry = record(compact, result, rank, rung=rung)
-        run.save()
-        log(f"baseline {name:16s} {report.describe(entry, pool.world)}")
+    for r in range(len(rungs)):
+        todo = [(name + (f"@{rungs[r]}" if r else ""), c) for name, c in baseline_compacts(run).items()]
+        todo = [t for t in todo if t[0] not in run.baselines]
+        for t, result, rank in pool.map([(c, workers.stage(r)) for _, c in todo]):
+            run.baselines[todo[t][0]] = entry = record(todo[t][1], result, rank, rung=r)
+            run.save()
+            log(f"baseline {todo[t][0]:18s} {report.describe(entry, pool.world)}  "
+                f"~{star.duration(time_left(run, pool.world))} left")
 
 
 def baseline_compacts(run, n_livs=None):
@@ -413,43 +425,44 @@ def for_report(run):
 
 
 def time_left(run, world=1):
-    """Seconds left: the mean wall time of a training at the search's budget so far (a rung's by its
-    steps), times the trainings still to come (this generation's at each rung, the later
-    generations'), plus the confirmation's at its budget (not probed or timed; the larger size's by
-    its depth x width^2), / processes."""
-    s = run.settings
-    trained, cost = run.evaluations + list(run.baselines.values()), [b / s["rungs"][0] for b in s["rungs"]]
-    sizes = rung_sizes(s, s["population"])
-    to_train = len({model_key(c) for c in run.pending} - set(run.at_rung(0))) + (
-        s["generations"] - run.generation - 1) * sum(n * c for n, c in zip(sizes, cost))
-    for r in range(1, len(cost) if run.pending else 0):
-        to_train += max(0, sizes[r] - sum(e["generation"] == run.generation and e["rung"] == r
-                                        for e in run.evaluations)) * cost[r]
-    confirm = 0
-    if s["confirm_steps"]:
-        models = finalist_count(s)
-        large = runs.large_size(s)
-        todo = {"confirm": models * s["confirm_seeds"], "large": models if large else 0}
-        for c in run.confirmed.values():
-            todo[c["stage"]] -= c["steps"] == s["confirm_steps"]
-        scale = large[0] / s["preset"]["n_livs"] * (large[1] / s["preset"]["width"]) ** 2 if large else 0
-        confirm = (max(0, todo["confirm"]) + max(0, todo["large"]) * scale) * s["confirm_steps"] / s["preset"]["steps"]
-    units = sum(cost[e.get("rung", 0)] for e in trained)
-    seconds = sum(e["seconds"] for e in trained) / max(1, units)
-    measure = sum(e.get("measure_seconds", 0.0) for e in trained) / max(1, units)
-    return (seconds * to_train + (seconds - measure) * confirm) / world
+    """Seconds left: the steps the settings still plan (planned_steps less those trained) at the
+    seconds per step measured so far: the search's with its measurements (probes, latency), the
+    confirmation's without them (it takes none), / processes."""
+    searched, confirmed = run.evaluations + list(run.baselines.values()), list(run.confirmed.values())
+    steps = [sum(steps_trained(e, run.settings) for e in part) for part in (searched, searched + confirmed)]
+    seconds = sum(e["seconds"] for e in searched), sum(e["seconds"] - e.get("measure_seconds", 0.0)
+                                                        for e in searched + confirmed)
+    search, confirm = planned_steps(run.settings)
+    return (max(0, search - steps[0]) * seconds[0] / max(1, steps[0]) +
+            max(0, confirm - (steps[1] - steps[0])) * seconds[1] / max(1, steps[1])) / world
+
+
+def steps_trained(e, s):
+    """The steps one training took: a continued one counts from its kept state."""
+    return e.get("steps_trained", e.get("steps") or s["rungs"][e.get("rung", 0)])
+
+
+def planned_steps(s):
+    """(search, confirmation) training steps the settings plan before anything trains: the
+    baselines through every rung; each generation's candidates at the first rung, and at each later
+    rung the share 1/eta^r that ASHA promotes, each continued from the decay of the rung below (a
+    model met twice trains once: fewer); the confirmation from scratch (the larger size counted in
+    steps of the search's size, scaled by depth x width^2)."""
+    preset, rungs, large = config.Preset(**s["preset"]), s["rungs"], runs.large_size(s)
+    kept = [0] + [star.decay_start(dataclasses.replace(preset, steps=b)) for b in rungs[:-1]]
+    search = sum((s["population"] * s["generations"] // s["eta"] ** r + len(config.SEARCH_BASELINES)) * (b - start)
+                 for r, (b, start) in enumerate(zip(rungs, kept)))
+    scale = large[0] / preset.n_livs * (large[1] / preset.width) ** 2 if large else 0
+    return search, round(finalist_count(s) * (s["confirm_seeds"] + scale) * s["confirm_steps"])
 
 
 def planned_compute(s):
-    """(trainings, tokens) the settings plan, before anything trains: each generation's candidates
-    at every rung (an upper bound: a model met twice trains once), the baselines at every rung, and
-    the confirmation (the larger size counted as trainings, its tokens as at the search's size)."""
-    search = [(n * s["generations"] + len(config.SEARCH_BASELINES), b)
-              for n, b in zip(rung_sizes(s, s["population"]), s["rungs"])]
-    models = finalist_count(s)
-    confirm = models * (s["confirm_seeds"] + bool(runs.large_size(s))) if s["confirm_steps"] else 0
-    steps = sum(n * b for n, b in search) + confirm * s["confirm_steps"]
-    return sum(n for n, _ in search) + confirm, steps * s["preset"]["batch_size"] * s["preset"]["seq_len"]
+    """(trainings, steps, tokens) the settings plan (planned_steps; the larger size's tokens as at the search's size)."""
+    n = sum(s["population"] * s["generations"] // s["eta"] ** r for r in range(len(s["rungs"])))
+    n += len(config.SEARCH_BASELINES) * len(s["rungs"])
+    n += finalist_count(s) * (s["confirm_seeds"] + bool(runs.large_size(s))) if s["confirm_steps"] else 0
+    steps = sum(planned_steps(s))
+    return n, steps, steps * s["preset"]["batch_size"] * s["preset"]["seq_len"]
 
 
 def report_generation(run, log):
@@ -476,9 +489,10 @@ def main(argv=None):
     log(f"STAR search: objective {s['objective']}, preset {s['preset_name']}, population {s['population']}, "
         f"{s['generations']} generations, {s['preset']['n_livs']} LIVs, on {s['device']} x {pool.world} process(es), "
         f"{s['threads']} thread(s) each; writing to {run.out}\n{config.budget_note(pool.evaluate.preset, len(pool.evaluate.corpus.train))}")
-    trainings, tokens = planned_compute(s)
-    log(f"compute: up to {trainings} trainings, {report.fmt_count(tokens)} tokens (rungs {','.join(map(str, s['rungs']))}, "
-        f"confirmation {s['confirm_steps']} steps); the time left is estimated from the measured speed after each")
+    trainings, steps, tokens = planned_compute(s)
+    log(f"compute: about {trainings} trainings, {steps:,} steps, {report.fmt_count(tokens)} tokens (rungs "
+        f"{','.join(map(str, s['rungs']))}, eta {s['eta']}; confirmation {s['confirm_steps']} steps x "
+        f"{s['confirm_seeds']} seeds); the time left is estimated from the measured speed after each training")
     try:
         config.write_file(os.path.join(run.out, "evaluations.jsonl"), "".join(json.dumps(e) + "\n" for e in run.evaluations))
         run.save()

@@ -86,11 +86,12 @@ class Task:
 
     sizes: dict = dataclasses.field(default_factory=dict)  # the generator's size arguments
 
-    def batches(self, split, n_batches, batch_size, seq_len, seed, device):
+    def batches(self, split, n_batches, batch_size, seq_len, seed, device, start=0):
         rng = np.random.default_rng([seed, split == "train", sum(map(ord, self.name))])
-        for _ in range(n_batches):
-            x, y = (torch.from_numpy(a.astype(np.int64)).to(device) for a in self.make(rng, batch_size, **self.sizes))
-            yield x, y
+        for i in range(start + n_batches):
+            batch = self.make(rng, batch_size, **self.sizes)
+            if i >= start:
+                yield tuple(torch.from_numpy(a.astype(np.int64)).to(device) for a in batch)
 
     def score(self, model, preset, device):
         """{'accuracy': share of answer positions where the model's most likely token is the answer}
@@ -106,10 +107,11 @@ class Task:
         return {"accuracy": right / max(total, 1)}
 
     def preset(self, preset):
-        """The search's width, depth and seed; the task's length and budget; eager, since the
-        compile warm-up sees the search's shapes only (README: "Compilation")."""
+        """The search's width, depth and seed; the task's length, budget and a cosine schedule (the
+        budgets below were set under it); eager, since the compile warm-up sees the search's
+        shapes only (README: "Compilation")."""
         return dataclasses.replace(preset, seq_len=self.seq_len, steps=self.steps, batch_size=self.batch, lr=self.lr,
-                                   warmup=self.steps // 10, eval_batches=4, compile=False)
+                                   warmup=self.steps // 10, decay=1.0, eval_batches=4, compile=False)
 
 
 # Budgets (ours), the smallest at which the separation is clear and stable on the tiny preset: with

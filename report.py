@@ -126,7 +126,7 @@ def confirmation_section(r):
              rule_line(max(len(c.runs) for c in rows)), "",
              "Rank check (the search's order at the longer budget, over the top, the rank-check candidates spread "
              f"from just below the top to the bottom of the search, and the baselines): "
-             f"{correlation_line(places, [mean(c, key) for c in rows])}"]
+             f"{correlation_line(places, [mean(c, key) for c in rows])}", *rung_predictions(r, rows, key)]
     if len(large) > 1:
         lines += ["", f"At the larger size ({size}, seed {large[0].large['seed']}) against the confirmed means: "
                   f"{correlation_line([mean(c, key) for c in large], [c.large[key] for c in large])}"]
@@ -267,7 +267,7 @@ def top_section(r):
 def compute(r):
     """What the search's trainings cost (every candidate at every rung it trained at, once per
     distinct model): '1,920 candidate-steps, 3.9M tokens', so runs compare at equal compute."""
-    steps = sum(r.settings["rungs"][e.get("rung", 0)] for e in r.trainings)
+    steps = sum(trained(r, e) for e in r.trainings)
     return f"{steps:,} candidate-steps, {fmt_count(steps * r.settings['preset']['batch_size'] * r.settings['preset']['seq_len'])} tokens"
 
 
@@ -276,10 +276,30 @@ def rung_lines(r):
     rungs, preset = r.settings.get("rungs", []), r.settings["preset"]
     if len(rungs) < 2:
         return []
-    n = Counter(e["rung"] for e in r.trainings)
-    return ["Rungs (successive halving; each result at the highest rung it reached): " + "; ".join(
-        f"{b} steps: {n[i]} trainings, {fmt_count(n[i] * b * preset['batch_size'] * preset['seq_len'])} tokens"
-        for i, b in enumerate(rungs)) + ".", ""]
+    n, steps = Counter(e["rung"] for e in r.trainings), Counter()
+    for e in r.trainings:
+        steps[e["rung"]] += trained(r, e)
+    return [f"Rungs (asynchronous successive halving, the top 1/{r.settings.get('eta')} continued; each result at the "
+            "highest rung it reached): " + "; ".join(
+                f"{b} steps: {n[i]} trainings, {fmt_count(steps[i] * preset['batch_size'] * preset['seq_len'])} tokens"
+                for i, b in enumerate(rungs)) + ".", ""]
+
+
+def trained(r, e):
+    """The steps a search training took (a continued one from its kept state; older runs: its rung's budget)."""
+    return e.get("steps_trained", r.settings["rungs"][e.get("rung", 0)])
+
+
+def rung_predictions(r, rows, key):
+    """How well each rung predicts the confirmation (ours): over the confirmed models with a result at
+    that rung (under the search's seed), its order there against the confirmed means."""
+    rungs, lines = r.settings.get("rungs", []), []
+    for i, b in enumerate(rungs if len(rungs) > 1 else []):
+        at = {e["key"]: e[key] for e in r.trainings if e["rung"] == i and e["status"] == "ok"}
+        at.update({e["key"]: e[key] for e in (baseline_at(r, n, {"rung": i}) for n in r.baselines) if e and e["status"] == "ok"})
+        pairs = [(at[c.search["key"]], mean(c, key)) for c in rows if c.search["key"] in at]
+        lines.append(f"- at {b} steps: " + correlation_line([a for a, _ in pairs], [m for _, m in pairs]))
+    return ["", "How well each rung predicts the confirmation:", *lines] if lines else []
 
 
 def motif_section(r):

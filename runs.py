@@ -18,7 +18,7 @@ import genome as gn
 import probes
 import workers
 
-VERSION = 5  # of checkpoint.json (versions 2 to 4 are read too: Run.load)
+VERSION = 6  # of checkpoint.json (versions 2 to 5 are read too: Run.load)
 FAILED = 1e30  # the objective value of a failed candidate: worse than anything real
 
 
@@ -93,11 +93,12 @@ class Run:
 
 
 def upgrade(state):
-    """An older checkpoint in version 5's names; else as read. Version 2 -> 3: 'batch' became
+    """An older checkpoint in version 6's names; else as read. Version 2 -> 3: 'batch' became
     'pending'; 'extra', results under 'seed:<key>' and 'confirm:<key>', became 'noise' and
     'confirmed' keyed by model. 3 -> 4: the noise run is gone (the spread is measured over the
     confirmation's seeds); confirmed results are keyed 'confirm/<seed>/<key>', the seed the search's
-    + 1; the settings gain the confirmation's new flags, off. 4 -> 5: one rung, the search's budget."""
+    + 1; the settings gain the confirmation's new flags, off. 4 -> 5: one rung, the search's budget. 5 -> 6: the lr schedule
+    of those trainings, cosine after the warm-up (decay 1.0); promotion by the top quarter (eta 4)."""
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         return state
     if state.get("version") == 2 and isinstance(state.get("extra"), dict):
@@ -126,6 +127,9 @@ def upgrade(state):
         for e in state.get("evaluations") or []:
             if isinstance(e, dict):
                 e.setdefault("rung", 0)
+    if state.get("version") == 5 and isinstance(state["settings"].get("preset"), dict):
+        state = {**state, "version": 6, "settings": {"eta": 4, **state["settings"],
+                                                     "preset": {"decay": 1.0, **state["settings"]["preset"]}}}
     return state
 
 
@@ -141,7 +145,7 @@ def check_settings(s):
                        ("confirm_steps", (int,)), ("confirm_top", (int,)), ("probes", (bool,)),
                        ("confirm_seeds", (int,)), ("rank_check", (int,)), ("random_search", (bool,)),
                        ("confirm_n_livs", (int, type(None))), ("confirm_width", (int, type(None))),
-                       ("run_id", (str,)), ("rungs", (list,))):
+                       ("run_id", (str,)), ("rungs", (list,)), ("eta", (int,))):
         config.field(s, key, kinds, "settings")
     if s["objective"] not in config.OBJECTIVES:
         raise ValueError(f"unknown objective {s['objective']!r}; choose from {', '.join(config.OBJECTIVES)}")
@@ -154,7 +158,7 @@ def check_settings(s):
     except TypeError as e:
         raise ValueError(f"settings.preset: {e}") from None
     numbers = ("population", "generations", "mutation", "threads", "confirm_steps", "confirm_top", "confirm_seeds",
-               "rank_check")
+               "rank_check", "eta")
     for key in numbers + tuple(k for k in ("vocab_size", "confirm_n_livs", "confirm_width") if s[k] is not None):
         try:
             config.check_number(key, s[key])
@@ -207,7 +211,7 @@ def check_result(e, depths, where):
         raise ValueError(f"{where}.ppl is {ppl!r} for a model that trained")
     if e["status"] == "failed":
         config.field(e, "error", (str,), where)
-    for key in ("params", "params_non_embedding", "cache_bytes", "rank"):
+    for key in ("params", "params_non_embedding", "cache_bytes", "rank", "steps_trained"):
         if e.get(key) is not None and config.field(e, key, (int,), where) < 0:
             raise ValueError(f"{where}.{key} is negative")
     for key in ("seconds", "train_seconds", "measure_seconds", "first_step_seconds", "eval_seconds",
@@ -291,8 +295,7 @@ def parse_args(argv):
     p.add_argument("--mutation", type=config.number("mutation"), default=None, metavar="P",
                    help="per-gene mutation probability (default 0.1)")
     p.add_argument("--confirm-steps", type=config.number("confirm_steps"), default=None, metavar="N",
-                   help="steps of the confirmation stage (" + per_preset("confirm_factor", "x") +
-                        " --steps, or the last of --rungs; 0 skips it)")
+                   help="steps of the confirmation stage (default: the target, the last of --rungs; 0 skips it)")
     for flag, what, meta in (("population", "genomes per generation", "N"),
                              ("generations", "generations, the initial one included", "N"),
                              ("confirm_top", "best candidates confirmed beside the baselines", "K"),
@@ -306,8 +309,10 @@ def parse_args(argv):
     p.add_argument("--confirm-width", type=config.number("confirm_width"), default=None, metavar="W",
                    help="also confirm at this width, one seed")
     p.add_argument("--rungs", type=rung_list, default=None, metavar="STEPS,STEPS",
-                   help="successive halving: each generation's best continue to these budgets, retrained "
-                        "(e.g. 60,240; the first is --steps; tiny: one rung, gpu: 375,3000 unless --steps)")
+                   help="successive halving: the step budgets a model may continue to, the last the target "
+                        "(the first is --steps; tiny 120,400,1200, gpu 375,3000; one rung if only --steps is given)")
+    p.add_argument("--eta", type=config.number("eta"), default=None, metavar="N",
+                   help=f"the top 1/N of a rung's results continue to the next ({per_preset('eta')})")
     p.add_argument("--random-search", action="store_true", default=None,
                    help="the equal-budget control: every generation drawn at random (no selection, crossover, mutation)")
     p.add_argument("--lease", type=config.number("lease"), default=120.0, metavar="SECONDS",
@@ -357,10 +362,10 @@ def settings_from_args(args, log):
                 "generations": given(args.generations, defaults["generations"]),
                 "mutation": given(args.mutation, 0.1), "seed": preset.seed, "data": args.data,
                 "vocab_size": args.vocab_size, "threads": given(args.threads, torch.get_num_threads()),
-                "confirm_steps": given(args.confirm_steps, defaults["confirm_factor"] * rungs[-1]),  # of the last rung
+                "confirm_steps": given(args.confirm_steps, rungs[-1]),  # the target
                 "confirm_n_livs": args.confirm_n_livs, "confirm_width": args.confirm_width,
                 "random_search": bool(args.random_search), "run_id": uuid.uuid4().hex,
-                "rungs": rungs}
+                "rungs": rungs, "eta": given(args.eta, defaults["eta"])}
     for key in ("confirm_top", "confirm_seeds", "rank_check"):
         settings[key] = given(getattr(args, key), defaults[key])
     settings["probes"] = bool(args.probes) or "recall_error" in config.OBJECTIVES.get(settings["objective"], ())
@@ -372,7 +377,7 @@ def check_resume_conflicts(args, saved):
     confirmation's flags may change (they do not alter what was trained), checked again."""
     given = {"objective": args.objective, "population": args.population, "mutation": args.mutation,
              "data": args.data, "vocab_size": args.vocab_size, "preset_name": args.preset, "threads": args.threads,
-             "probes": args.probes, "random_search": args.random_search, "rungs": args.rungs}
+             "probes": args.probes, "random_search": args.random_search, "rungs": args.rungs, "eta": args.eta}
     given.update({f.name: getattr(args, f.name) for f in dataclasses.fields(config.Preset)})
     for key, value in given.items():
         have = saved["preset"][key] if key in saved["preset"] else saved[key]
@@ -430,7 +435,7 @@ def start(args, log):
             import bench  # only the latency objective needs it
             run.settings["latency_note"] = bench.search_latency_note(device)
         evaluator = workers.Evaluator(run.settings, workers.rank_device(device) if world > 1 else device,
-                                      log if world == 1 else lambda s: log(f"[rank 0] {s}"))
+                                      log if world == 1 else lambda s: log(f"[rank 0] {s}"), run.out)
         config.output_dir(run.out)  # created only once everything else has been checked
     except ValueError as e:
         if store is not None:
@@ -439,7 +444,7 @@ def start(args, log):
     if store is None:
         return run, workers.Workers(evaluator)
     shared.set("run_id", run.settings["run_id"])  # a restart of this group resumes this run, no other
-    store.set("settings", json.dumps({**run.settings, "lease": args.lease}))
+    store.set("settings", json.dumps({**run.settings, "lease": args.lease, "out": run.out}))
     return run, workers.StoreWorkers(evaluator, store, rank, world, args.lease)
 
 

@@ -34,7 +34,7 @@ import probes
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare.txt.gz")
 
 
-# Paper (section 6 of the spec): AdamW betas (0.9, 0.95), weight decay 0.1, clip 1.0, cosine.
+# Paper (section 6 of the spec): AdamW betas (0.9, 0.95), weight decay 0.1, clip 1.0 (the schedule: lr_at).
 BETAS, WEIGHT_DECAY, GRAD_CLIP, MIN_LR_RATIO = (0.9, 0.95), 0.1, 1.0, 0.1
 
 
@@ -306,14 +306,15 @@ class Corpus:
         """How many times one candidate's training budget reads the train split."""
         return preset.steps * preset.batch_size * preset.seq_len / len(self.train)
 
-    def batches(self, split, n_batches, batch_size, seq_len, seed, device):
+    def batches(self, split, n_batches, batch_size, seq_len, seed, device, start=0):
         """n_batches fixed batches (x, y), each (batch_size, seq_len), drawn by seed: every
-        candidate sees the same data in the same order (common random numbers)."""
+        candidate sees the same data in the same order (common random numbers). Batch i is the
+        same whatever n_batches; `start` skips the first ones (a continued training)."""
         data = self.train if split == "train" else self.val
         if len(data) <= seq_len + 1:
             raise ValueError(f"the {split} split ({len(data)} tokens) is shorter than seq_len {seq_len}")
         rng = np.random.default_rng([seed, split == "train"])
-        offsets = rng.integers(0, len(data) - seq_len - 1, size=(n_batches, batch_size))
+        offsets = rng.integers(0, len(data) - seq_len - 1, size=(start + n_batches, batch_size))[start:]
         window = np.arange(seq_len + 1)
         for rows in offsets:
             chunk = torch.from_numpy(data[rows[:, None] + window].astype(np.int64))  # (b, l+1)
@@ -333,11 +334,23 @@ class Diverged(RuntimeError):
 PROGRESS_SECONDS = 10.0  # while a model trains, a progress line at most this often
 
 
+def decay_start(preset):
+    """The step where the decay branch starts: the last `decay` share of the budget (never inside
+    the warm-up). decay 1.0 is warm-up then cosine over the rest (this code's schedule before WSD)."""
+    return preset.steps - min(preset.steps - min(preset.warmup, preset.steps), round(preset.decay * preset.steps))
+
+
 def lr_at(step, preset):
-    """Linear warm-up, then cosine decay to MIN_LR_RATIO * lr."""
+    """Warmup-stable-decay (Hägele et al. 2024, who find a 20% decay matches cosine at equal budget):
+    a linear warm-up, the peak lr, then a cosine-shaped decay to MIN_LR_RATIO * lr over the last
+    `decay` share of the budget (ours: the decay's shape and floor). The lr before the decay does
+    not depend on the budget, so a model kept at decay_start continues to any longer budget."""
     if step < preset.warmup:
         return preset.lr * (step + 1) / preset.warmup
-    progress = (step - preset.warmup) / max(1, preset.steps - preset.warmup)
+    start = decay_start(preset)
+    if step < start:
+        return preset.lr
+    progress = (step - start) / max(1, preset.steps - start)
     return preset.lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -364,13 +377,18 @@ def evaluate(model, corpus, preset, device):
     return math.exp(min(total.item() / preset.eval_batches, 50.0))
 
 
-def train_candidate(genome, source, preset, device=None, log=None, save=None):
+def train_candidate(genome, source, preset, device=None, log=None, save=None, resume=None, keep=None):
     """Train one architecture on a data source and score it (paper section 5: a score after a
     fixed budget). Never raises for a bad candidate: a NaN/inf loss, an out-of-memory error or any
     exception gives status 'failed' with the error.
 
+    Continued training (ours, for successive halving): `keep(state)` receives the state where the
+    decay branch starts (weights, optimiser, step: kept_state); a training at a longer budget that
+    is given that state as `resume` continues from it, and ends as one uninterrupted training of
+    its own budget would (the schedule's stable phase and the data order do not depend on the budget).
+
     A data source is what a Corpus and a probes.Task share: `vocab_size`, `batches(split,
-    n_batches, batch_size, seq_len, seed, device)` yielding (x, y) of (b, l) token ids, and
+    n_batches, batch_size, seq_len, seed, device, start)` yielding (x, y) of (b, l) token ids, and
     `score(model, preset, device)` -> {'ppl': ...} for text or {'accuracy': ...} for a task."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {"status": "failed", "ppl": None, "params": None, "cache_bytes": None,
@@ -384,9 +402,18 @@ def train_candidate(genome, source, preset, device=None, log=None, save=None):
         if preset.compile:
             model.compile_blocks()
         optimizer = make_optimizer(model, preset, device)
-        progress = Progress(preset, device, log)
-        batches = source.batches("train", preset.steps, preset.batch_size, preset.seq_len, preset.seed, device)
-        for step, (x, y) in enumerate(batches):  # x, y: (b, l)
+        first = 0
+        if resume is not None and resume["step"] <= decay_start(preset):
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            first = resume["step"]
+        result["steps_trained"] = preset.steps - first
+        progress = Progress(preset, first, device, log)
+        batches = source.batches("train", preset.steps - first, preset.batch_size, preset.seq_len, preset.seed,
+                                 device, first)
+        for step, (x, y) in enumerate(batches, first):  # x, y: (b, l)
+            if keep and step == decay_start(preset):
+                keep(kept_state(model, optimizer, step))
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, preset)
             with autocast(device):
@@ -414,6 +441,13 @@ def train_candidate(genome, source, preset, device=None, log=None, save=None):
     return result
 
 
+def kept_state(model, optimizer, step):
+    """What a continued training needs, copied to the CPU: the weights, AdamW's moments, the step."""
+    to_cpu = lambda tree: {k: to_cpu(v) if isinstance(v, dict) else v.to("cpu", copy=True)  # noqa: E731
+                           if torch.is_tensor(v) else v for k, v in tree.items()}
+    return {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(optimizer.state_dict()), "step": step}
+
+
 def checked_scores(scores):
     if not all(math.isfinite(v) for v in scores.values()) or scores.get("ppl", 0) >= math.exp(50.0):
         raise Diverged(f"validation scores are {scores}")
@@ -425,15 +459,15 @@ class Progress:
     warm-up: counted as turnover), the mean loss read back every tenth of the run (one host sync)
     and checked for divergence, a progress line at most every PROGRESS_SECONDS, throughput at the end."""
 
-    def __init__(self, preset, device, log):
+    def __init__(self, preset, first, device, log):
         self.preset, self.device, self.log = preset, device, log
         self.every = max(1, preset.steps // 10)
-        self.running, self.checked, self.first_step = torch.zeros((), device=device), 0, 0.0
+        self.running, self.first, self.checked, self.first_step = torch.zeros((), device=device), first, first, 0.0
         self.start = self.printed = time.perf_counter()
 
     def step(self, step, loss):
         self.running += loss.detach()  # stays on the device: no host sync per step
-        if step == 0:
+        if step == self.first:
             self.sync()
             self.first_step = time.perf_counter() - self.start
         if (step + 1) % self.every == 0 or step + 1 == self.preset.steps:
@@ -449,14 +483,14 @@ class Progress:
         if self.log and now - self.printed >= PROGRESS_SECONDS and done < p.steps:
             self.printed = now
             self.log(f"  step {done}/{p.steps}  loss {mean:.4f}  "
-                     f"{done * p.batch_size * p.seq_len / (now - self.start):,.0f} tok/s  "
-                     f"{duration((now - self.start) / done * (p.steps - done))} left")
+                     f"{(done - self.first) * p.batch_size * p.seq_len / (now - self.start):,.0f} tok/s  "
+                     f"{duration((now - self.start) / (done - self.first) * (p.steps - done))} left")
 
     def finish(self):
         self.sync()
         seconds, p = time.perf_counter() - self.start, self.preset
         steady = seconds - self.first_step  # without the first (compiling) step
-        tokens_per_second = (p.steps - 1) * p.batch_size * p.seq_len / steady if steady > 0 else 0.0
+        tokens_per_second = (p.steps - self.first - 1) * p.batch_size * p.seq_len / steady if steady > 0 else 0.0
         return {"first_step_seconds": self.first_step, "train_seconds": seconds, "tokens_per_second": tokens_per_second}
 
     def sync(self):

@@ -489,6 +489,7 @@ import bench  # noqa: E402
 import evolve  # noqa: E402
 import report  # noqa: E402
 import runs  # noqa: E402
+import workers  # noqa: E402
 
 
 def test_non_dominated_sort_hand_worked():
@@ -582,7 +583,8 @@ def test_search_writes_every_output(tmp_path, capsys):
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
-    evolve.main(search_args(tmp_path / "straight"))
+    cosine = ("--decay", "1")  # the schedule of the checkpoints before version 6
+    evolve.main(search_args(tmp_path / "straight", *cosine))
     calls, original = [0], star.train_candidate
 
     def killed_at_the_sixth(*args, **kwargs):
@@ -593,7 +595,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(star, "train_candidate", killed_at_the_sixth)
     with pytest.raises(SystemExit):
-        evolve.main(search_args(tmp_path / "killed"))
+        evolve.main(search_args(tmp_path / "killed", *cosine))
     assert "--resume" in capsys.readouterr().err
     monkeypatch.setattr(star, "train_candidate", original)
     as_version_2(tmp_path / "killed" / "checkpoint.json")  # the last release's checkpoints still resume
@@ -616,8 +618,10 @@ def as_version_2(path):
     seed = s["settings"]["seed"] + 1
     extra = {"confirm:" + k.split("/")[2]: {f: v for f, v in e.items() if f != "seed"}
              for k, e in s.pop("confirmed").items() if k.startswith(f"confirm/{seed}/")}
-    for key in ("confirm_seeds", "rank_check", "random_search", "confirm_n_livs", "confirm_width", "run_id", "rungs"):
+    for key in ("confirm_seeds", "rank_check", "random_search", "confirm_n_livs", "confirm_width", "run_id", "rungs",
+                "eta"):
         s["settings"].pop(key)
+    s["settings"]["preset"].pop("decay")
     for e in s["evaluations"]:
         e.pop("rung")
     s.update(version=2, batch=s.pop("pending"), extra=extra)
@@ -1221,30 +1225,30 @@ CONFIRMED = ("--confirm-top", "2", "--confirm-steps", "12", "--confirm-seeds", "
 @pytest.fixture(scope="module")
 def confirmed_run(tmp_path_factory):
     """A small finished search with its confirmation stage (12 steps against the search's 3): the
-    top 2, 2 rank-check candidates and both baselines under 2 seeds."""
+    top 2, 2 rank-check candidates and the 3 baselines under 2 seeds."""
     out = tmp_path_factory.mktemp("confirmed")
     evolve.main(search_args(out, *CONFIRMED))
     return out
 
 
 def test_time_left_counts_confirmation_models_without_their_probes():
-    """Hand-worked: 3 of this generation's 4 and one more generation of 4 left at 10 s each, then
-    6 confirmation models (top 3, 1 rank check, 2 baselines) under 2 seeds at 4x the steps, trained
-    without the 6 s of probing: 7 x 10 + 12 x 4 x 4; at twice the depth and width once more, each
-    costing 2 x 2^2 as much: + 6 x 8 x 4 x 4."""
+    """Hand-worked, rungs 10,20 (the second continued from the state kept at step 8), eta 2, 4 x 2
+    candidates and 3 baselines: 11 x 10 + 7 x 12 = 194 search steps; 7 confirmation models (top 3,
+    1 rank check, 3 baselines) under 2 seeds at 40 steps: 560, and at twice the depth and width once
+    more, each costing 2 x 2^2 as much: + 7 x 8 x 40. Trained: 4 models of 10 steps, 10 s each of
+    which 6 s probing. Left: 154 search steps at 1 s, the confirmation at 0.4 s a step."""
     from types import SimpleNamespace
-    batch = [gn.to_compact(gn.random_genome(4, np.random.default_rng(i))) for i in range(4)]
-    entry = lambda c: {"key": runs.model_key(c), "seconds": 10.0, "measure_seconds": 6.0}
-    run = SimpleNamespace(evaluations=[entry(batch[0])], baselines={b: entry(batch[0]) for b in config.SEARCH_BASELINES},
-                          pending=batch, at_rung=lambda r: {runs.model_key(batch[0]): {}}, generation=0, confirmed={},
-                          settings={"generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3, "rungs": [10],
-                                    "confirm_seeds": 2, "rank_check": 1, "confirm_n_livs": None, "confirm_width": None,
-                                    "preset": {"steps": 10, "n_livs": 4, "width": 16}})
-    assert len(set(map(runs.model_key, batch))) == 4
-    assert evolve.time_left(run) == pytest.approx(7 * 10 + 12 * 4 * 4)
-    assert evolve.time_left(run, world=2) == pytest.approx((7 * 10 + 12 * 4 * 4) / 2)
-    run.settings.update(confirm_n_livs=8, confirm_width=32)
-    assert evolve.time_left(run) == pytest.approx(7 * 10 + 12 * 4 * 4 + 6 * 8 * 4 * 4)
+    entry = {"seconds": 10.0, "measure_seconds": 6.0, "steps_trained": 10}
+    settings = {"generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3, "rungs": [10, 20], "eta": 2,
+                "confirm_seeds": 2, "rank_check": 1, "confirm_n_livs": None, "confirm_width": None,
+                "preset": dataclasses.asdict(dataclasses.replace(TINY, steps=10, warmup=1, n_livs=4, width=16))}
+    run = SimpleNamespace(evaluations=[entry], baselines={b: entry for b in config.SEARCH_BASELINES}, confirmed={},
+                          settings=settings)
+    assert evolve.planned_steps(settings) == (194, 560)
+    assert evolve.time_left(run) == pytest.approx(154 * 1.0 + 560 * 0.4)
+    assert evolve.time_left(run, world=2) == pytest.approx((154 + 560 * 0.4) / 2)
+    settings.update(confirm_n_livs=8, confirm_width=32)
+    assert evolve.time_left(run) == pytest.approx(154 + (560 + 7 * 8 * 40) * 0.4)
 
 
 def test_report_tables_render(confirmed_run):
@@ -1260,7 +1264,7 @@ def test_report_leads_with_the_confirmation(confirmed_run):
     report = (confirmed_run / "report.md").read_text()
     state = json.loads((confirmed_run / "checkpoint.json").read_text())
     confirmed = list(state["confirmed"].values())
-    assert len(confirmed) == 12 and all(e["train_seconds"] > 0 for e in confirmed)  # 6 models x 2 seeds
+    assert len(confirmed) == 14 and all(e["train_seconds"] > 0 for e in confirmed)  # 7 models x 2 seeds
     assert {e["seed"] for e in confirmed} == {1, 2} and {e["steps"] for e in confirmed} == {12}
     assert report.index("## Confirmed result") < report.index("## Top 10")
     head = report.split("## Top 10")[0]
@@ -1269,8 +1273,8 @@ def test_report_leads_with_the_confirmation(confirmed_run):
         means.setdefault(e["key"], []).append(e["ppl"])
     for key, ppl in means.items():  # each model's mean over its seeds (geometric) and sd
         assert f"{np.exp(np.mean(np.log(ppl))):.3f} ± {np.std(ppl, ddof=1):.3f}" in head
-    assert head.count("| rank check |") == 2 and head.count("| top |") == 2 and head.count("| baseline |") == 2
-    assert "Spearman" in report and "Kendall" in report and "n = 6" in report
+    assert head.count("| rank check |") == 2 and head.count("| top |") == 2 and head.count("| baseline |") == 3
+    assert "Spearman" in report and "Kendall" in report and "n = 7" in report
     assert "still the best" in report or "no longer the best" in report
     best = gn.load(str(confirmed_run / "best_genome.json")).tolist()
     choice = min((e for e in read_evaluations(confirmed_run) if e["status"] == "ok"), key=lambda e: e["ppl"])
@@ -1318,7 +1322,7 @@ def test_confirmation_resumes_after_a_kill_in_the_middle(tmp_path, monkeypatch, 
     def confirmed(out):
         return {k: e["ppl"] for k, e in json.loads((out / "checkpoint.json").read_text())["confirmed"].items()}
     assert confirmed(tmp_path) == confirmed(confirmed_run)  # as if it had never been killed
-    assert "## Confirmed result: 6 models" in (tmp_path / "report.md").read_text()
+    assert "## Confirmed result: 7 models" in (tmp_path / "report.md").read_text()
 
 
 def test_a_resume_with_other_confirm_steps_retrains_rather_than_reuses(tmp_path, confirmed_run):
@@ -1427,19 +1431,21 @@ def test_the_recall_objective_chooses_by_recall():
 
 def test_random_search_draws_no_child_by_crossover_or_mutation(tmp_path, monkeypatch, confirmed_run):
     """The control: every genome of every generation is a fresh random draw, through the same
-    training and confirmation (here also at twice the depth); --compare sets it beside a search."""
+    training, promotions and confirmation (here also at twice the depth); --compare sets it
+    beside a search."""
     def refused(*args, **kwargs):
         raise AssertionError("a random search used a variation operator")
     monkeypatch.setattr(gn, "crossover", refused)
     monkeypatch.setattr(gn, "mutate", refused)
-    evolve.main(search_args(tmp_path, *CONFIRMED[:-2], "--n-livs", "2", "--random-search", "--confirm-n-livs", "4"))
+    evolve.main(search_args(tmp_path, *CONFIRMED[:-2], "--n-livs", "2", "--random-search", "--confirm-n-livs", "4", *RUNGS))
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     rng = np.random.default_rng(0)
     drawn = [gn.to_compact(gn.random_genome(2, rng)) for _ in range(8)]  # 2 generations of 4
-    assert [e["compact"] for e in state["evaluations"]] == [c for i, c in enumerate(drawn)
-                                                              if runs.model_key(c) not in map(runs.model_key, drawn[:i])]
+    assert [e["compact"] for e in state["evaluations"] if e["rung"] == 0] == [
+        c for i, c in enumerate(drawn) if runs.model_key(c) not in map(runs.model_key, drawn[:i])]
+    assert any(e["rung"] == 1 and e["steps_trained"] < 6 for e in state["evaluations"])  # promoted and continued
     large = [e for e in state["confirmed"].values() if e["stage"] == "large"]
-    assert len(large) == 6 and {len(e["genome"]) for e in large} == {4}
+    assert len(large) == 7 and {len(e["genome"]) for e in large} == {4}
     text = (tmp_path / "report.md").read_text()
     assert "random-search control" in text and "ppl, 4 LIVs x 16" in text
     out = run_cli("evolve.py", "--compare", str(confirmed_run), str(tmp_path)).stdout
@@ -1539,59 +1545,114 @@ def test_selection_ranks_a_result_at_a_higher_rung_first():
         assert evolve.ranked(run, [a, b, c])[0].tolist() == [1, 0, 2]  # rung 1 first, then NSGA-II at rung 0
 
 
-def test_promotion_follows_the_rung_budgets():
-    s = {"rungs": [60, 240]}
-    assert evolve.rung_sizes(s, 8) == [8, 2] and evolve.rung_sizes(s, 4) == [4, 1]
-    assert evolve.rung_sizes({"rungs": [60, 120, 480]}, 16) == [16, 8, 2]  # each rung ~ the same compute
+def test_the_schedule_is_warmup_stable_decay_and_cosine_at_decay_one():
+    p = dataclasses.replace(TINY, steps=100, warmup=10, lr=1.0)
+    lrs = [star.lr_at(t, p) for t in range(100)]
+    assert lrs[:10] == pytest.approx([(t + 1) / 10 for t in range(10)]) and lrs[10:80] == [1.0] * 70
+    assert star.decay_start(p) == 80 and lrs[80] == 1.0 and lrs[99] == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.95 * math.pi)))
+    assert [star.lr_at(t, dataclasses.replace(p, steps=400)) for t in range(80)] == lrs[:80]  # any budget: same start
+    cosine = dataclasses.replace(p, decay=1.0)  # the textbook cosine after the warm-up, to 0.1
+    assert [star.lr_at(t, cosine) for t in range(10, 100)] == pytest.approx(
+        [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 10) / 90)) for t in range(10, 100)])
 
 
-RUNGS = ["--rungs", "3,6"]  # with search_args: --steps 3, population 4: the best 2 continue to 6 steps
+def test_a_continued_training_equals_one_uninterrupted_training(corpus):
+    """The state kept at a 12-step budget's decay, continued to 24 steps, ends where one 24-step
+    training ends: the same weights, hence the same validation perplexity."""
+    g, kept = gn.baseline("striped-mamba", 4), []
+    short = star.train_candidate(g, corpus, dataclasses.replace(TINY, steps=12), "cpu", keep=kept.append)
+    assert short["status"] == "ok" and [k["step"] for k in kept] == [star.decay_start(dataclasses.replace(TINY, steps=12))]
+    longer = dataclasses.replace(TINY, steps=24)
+    straight = star.train_candidate(g, corpus, longer, "cpu")
+    continued = star.train_candidate(g, corpus, longer, "cpu", resume=kept[0])
+    assert continued["ppl"] == pytest.approx(straight["ppl"], rel=1e-6, abs=0)
+    assert continued["steps_trained"] == 24 - kept[0]["step"] and straight["steps_trained"] == 24
+    assert star.train_candidate(g, corpus, dataclasses.replace(TINY, steps=12), "cpu")["ppl"] == short["ppl"]
 
 
-def test_the_confirmation_is_longer_than_the_last_rung_by_default():
-    settings = runs.settings_from_args(runs.parse_args(["--preset", "tiny", "--rungs", "60,240"]), print)
-    assert settings["preset"]["steps"] == 60 and settings["confirm_steps"] == 2 * 240
-    assert runs.settings_from_args(runs.parse_args(["--preset", "tiny"]), print)["confirm_steps"] == 2 * 60
+def test_promotion_reaches_across_generations_and_never_repeats():
+    """ASHA on constructed results (eta 2): the top half of everything at rung 0, of both
+    generations, continues to rung 1, except a model already there."""
+    a, b, c, d, e, f = (f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9, 11, 13))
+    run = fake_run({a: 5.0, b: 2.0, c: 6.0, d: 4.0}, [a, b], [])
+    run.settings["eta"] = 2
+    assert evolve.promotable(run, 1) == [b, d]  # the top 2 of 4
+    run.evaluations.append({**run.evaluations[1], "ppl": 1.5, "rung": 1})  # b reached rung 1 already
+    assert evolve.promotable(run, 1) == [d]
+    run.evaluations += [{"key": runs.model_key(x), "status": "ok", "ppl": p, "compact": x, "rung": 0, "generation": 1}
+                        for x, p in ((e, 3.0), (f, 1.0))]  # a later generation: 6 at rung 0, the top 3 continue
+    assert evolve.promotable(run, 1) == [f, e]  # f and e of generation 1; d (4.0) falls out of the top 3
+    run.evaluations[-1]["status"] = "failed"  # a failed model is never promoted, nor counted
+    assert evolve.promotable(run, 1) == [e]
+    assert evolve.promotable(run, 2) == []  # one model at rung 1: its top half is empty
 
 
-def test_successive_halving_retrains_each_generations_best_at_the_next_rung(tmp_path):
+def test_kept_states_stay_for_the_models_that_may_continue(tmp_path):
+    """eta 4 over 4 models: twice the promotion share is the top 2 (b, d); b passed rung 0 already."""
+    a, b, c, d = (f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9))
+    run = fake_run({a: 5.0, b: 2.0, c: 6.0, d: 4.0}, [a, b], [])
+    run.out, run.settings["eta"] = str(tmp_path), 4
+    run.evaluations.append({**run.evaluations[1], "ppl": 1.5, "rung": 1})
+    for x in (a, b, c, d):
+        workers.Evaluator.keep(workers.state_path(run.out, x, 60), {"step": 48})
+    evolve.prune_states(run)
+    assert [x for x in (a, b, c, d) if os.path.exists(workers.state_path(run.out, x, 60))] == [d]
+    assert workers.read_state(workers.state_path(run.out, d, 60)) == {"step": 48}
+    assert workers.read_state(workers.state_path(run.out, a, 60)) is None  # gone: a training from scratch
+
+
+RUNGS = ["--rungs", "3,6", "--eta", "2"]  # with search_args: --steps 3, population 4: the top half continue to 6
+
+
+def test_the_default_rungs_reach_ten_tokens_per_parameter_and_confirm_there():
+    settings = runs.settings_from_args(runs.parse_args(["--preset", "tiny"]), print)
+    assert settings["rungs"] == [120, 400, 1200] and settings["preset"]["steps"] == 120
+    assert settings["confirm_steps"] == 1200 and settings["eta"] == 3
+    model = star.build_model(gn.baseline("striped-mamba", 8), config.PRESETS["tiny"])
+    tokens = 1200 * settings["preset"]["batch_size"] * settings["preset"]["seq_len"]
+    assert 9 < tokens / star.param_counts(model)[1] < 12  # ~10 tokens per non-embedding parameter
+    assert runs.settings_from_args(runs.parse_args(["--preset", "tiny", "--steps", "60"]), print)["rungs"] == [60]
+
+
+def test_successive_halving_continues_the_best_of_all_generations(tmp_path):
     evolve.main(search_args(tmp_path, *RUNGS, "--confirm-steps", "0"))
     state = json.loads((tmp_path / "checkpoint.json").read_text())
-    first = [e for e in state["evaluations"] if e["generation"] == 0]
-    lowest = sorted((e for e in first if e["rung"] == 0), key=lambda e: e["ppl"])[:2]
-    assert [e["key"] for e in first if e["rung"] == 1] and \
-        {e["key"] for e in first if e["rung"] == 1} == {e["key"] for e in lowest}
-    for g in (0, 1):
-        assert sum(e["rung"] == 1 for e in state["evaluations"] if e["generation"] == g) <= 2
-    assert set(state["baselines"]) == {"transformer++", "striped-mamba", "transformer++@6", "striped-mamba@6"}
-    e = next(e for e in state["evaluations"] if e["rung"] == 1)  # retrained from scratch under a 6-step schedule
-    preset = config.Preset(**{**state["settings"]["preset"], "steps": 6, "warmup": 2})
+    at = [{e["key"]: e for e in state["evaluations"] if e["rung"] == r} for r in (0, 1)]
+    assert sum(e["rung"] == 1 for e in state["evaluations"]) == len(at[1])  # never twice at a rung
+    top = sorted((e for e in at[0].values() if e["status"] == "ok"), key=lambda e: e["ppl"])
+    assert {e["key"] for e in top[: len(top) // 2]} <= set(at[1])  # the final top half reached rung 1
+    assert set(state["baselines"]) == {n + x for n in config.SEARCH_BASELINES for x in ("", "@6")}
+    e = next(iter(at[1].values()))  # continued from its 3-step state: as one 6-step training
+    preset = config.Preset(**{**state["settings"]["preset"], "steps": 6})
     again = star.train_candidate(gn.from_compact(e["compact"]), star.Corpus(), preset, "cpu")
-    assert again["ppl"] == pytest.approx(e["ppl"], rel=1e-6)
+    assert again["ppl"] == pytest.approx(e["ppl"], rel=1e-6) and e["steps_trained"] == 6 - star.decay_start(
+        config.Preset(**state["settings"]["preset"]))
+    assert not (tmp_path / "states").exists()  # the kept states go when the search ends
     order = evolve.ranking(runs.Run.load(str(tmp_path)))
     assert [(-x["rung"], x["ppl"]) for x in order] == sorted((-x["rung"], x["ppl"]) for x in order)
     text = (tmp_path / "report.md").read_text()
-    assert "Rungs (successive halving" in text and "(6 steps)" in text
+    assert "Rungs (asynchronous successive halving" in text and "(6 steps)" in text
 
 
 def test_a_search_killed_in_the_middle_of_a_rung_resumes_to_the_same_end(tmp_path, monkeypatch, capsys):
     evolve.main(search_args(tmp_path / "straight", *RUNGS, "--confirm-steps", "0"))
     calls, original = [0], star.train_candidate
+    n_baselines = 2 * len(config.SEARCH_BASELINES)  # at both rungs
 
-    def killed_at_the_tenth(*args, **kwargs):  # 4 baselines, 4 candidates at rung 0, then rung 1's second
+    def kill_at(*args, **kwargs):  # the baselines, 4 candidates at rung 0, then rung 1's second
         calls[0] += 1
-        if calls[0] == 10:
+        if calls[0] == n_baselines + 6:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(star, "train_candidate", killed_at_the_tenth)
+    monkeypatch.setattr(star, "train_candidate", kill_at)
     with pytest.raises(SystemExit):
         evolve.main(search_args(tmp_path / "killed", *RUNGS, "--confirm-steps", "0"))
     killed = json.loads((tmp_path / "killed" / "checkpoint.json").read_text())
     assert [e["rung"] for e in killed["evaluations"]] == [0, 0, 0, 0, 1]  # in the middle of rung 1
     monkeypatch.setattr(star, "train_candidate", original)
     evolve.main(["--resume", str(tmp_path / "killed")])
-    key = lambda e: (e["compact"], e["generation"], e["rung"], e["ppl"])  # noqa: E731
+    key = lambda e: (e["compact"], e["generation"], e["rung"], e["ppl"], e["steps_trained"])  # noqa: E731
     assert [key(e) for e in read_evaluations(tmp_path / "killed")] == \
         [key(e) for e in read_evaluations(tmp_path / "straight")]
     final = [json.loads((tmp_path / d / "checkpoint.json").read_text())["population"] for d in ("straight", "killed")]
@@ -1669,6 +1730,7 @@ def outcome(out):
     stage, and its final population."""
     s = json.loads((out / "checkpoint.json").read_text())
     return {"candidates": {(e["generation"], e["compact"], e["rung"]): e["ppl"] for e in s["evaluations"]},
+            "continued": {(e["compact"], e["rung"]) for e in s["evaluations"] if e["steps_trained"] < s["settings"]["rungs"][e["rung"]]},
             "confirmed": {k: e["ppl"] for k, e in s["confirmed"].items()},
             "baselines": {k: e["ppl"] for k, e in s["baselines"].items()}, "population": s["population"]}
 
@@ -1701,6 +1763,7 @@ def test_two_processes_decide_exactly_as_one(tmp_path, one_process):
     proc = subprocess.run(torchrun_command(*DIST, "--out", str(tmp_path)), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_same_outcome(outcome(tmp_path), one_process)
+    assert one_process["continued"] and outcome(tmp_path)["continued"] == one_process["continued"]  # from kept states
     assert "(rank 0)" in proc.stdout and "(rank 1)" in proc.stdout  # both processes trained models
     assert "x 2 process(es)" in proc.stdout
 

@@ -4,6 +4,7 @@ tasks in this process; StoreWorkers shares them among the processes of a torchru
 its key-value store. evolve.py hands each generation's tasks to one of these and records results.
 """
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -20,23 +21,27 @@ import star
 
 
 class Evaluator:
-    """Trains one genome at one stage of the run and scores it. Stages: 'search' (the search's
-    budget and seed), 'rung 1', 'rung 2'... (the later budgets of --rungs, the search's seed),
-    'confirm' (the confirmation's longer budget under a given seed) and 'large' (the confirmation's
-    budget at --confirm-n-livs/--confirm-width; evolve.py hands it the genome already scaled).
-    Latency is measured at the search stage if asked; the probes run at the search stage if asked,
-    and at the confirmation too when they are the objective ('recall')."""
+    """Trains one genome at one stage of the run and scores it. Stages: 'search' (the first rung's
+    budget, the search's seed), 'rung 1', 'rung 2'... (the later rungs' budgets, continued from the
+    state kept at the rung below: star.train_candidate), 'confirm' (the target budget, from
+    scratch, under a given seed) and 'large' (the confirmation's budget at --confirm-n-livs/
+    --confirm-width; evolve.py hands it the genome already scaled). Kept states live in the run's
+    directory (states/), so any process continues any model; a missing or unreadable one means a
+    training from scratch, which ends the same (it only costs more). Latency is measured at the
+    search stage if asked; the probes run at the search stage if asked, and at the confirmation
+    too when they are the objective ('recall')."""
 
-    def __init__(self, settings, device, log=None):
+    def __init__(self, settings, device, log=None, out=None):
         self.preset = config.Preset(**settings["preset"])
-        confirm = self.preset.at_budget(settings["confirm_steps"] or self.preset.steps)
+        confirm = dataclasses.replace(self.preset, steps=settings["confirm_steps"] or self.preset.steps)
         large = dataclasses.replace(confirm, n_livs=settings.get("confirm_n_livs") or self.preset.n_livs,
                                     width=settings.get("confirm_width") or self.preset.width,
                                     compile=False)  # eager: a size the warm-up never saw (README: "Compilation")
-        rungs = {stage(r): self.preset.at_budget(b) for r, b in enumerate(settings["rungs"][1:], 1)}  # retrained at each
-        self.presets = {stage(0): self.preset, "confirm": confirm, "large": large, **rungs}
+        self.rungs = settings["rungs"]
+        rungs = {stage(r): dataclasses.replace(self.preset, steps=b) for r, b in enumerate(self.rungs)}
+        self.presets = {"confirm": confirm, "large": large, **rungs}
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
-        self.device, self.log = device, log
+        self.device, self.log, self.out = device, log, out
         if self.preset.compile:  # every block variant now, so that no candidate compiles one
             star.warm_up(self.preset, self.corpus, device, log)
         self.latency = settings["objective"] == "quality-latency"
@@ -47,11 +52,17 @@ class Evaluator:
     def __call__(self, compact, kind="search", seed=None):
         start, genome = time.time(), gn.from_compact(compact)
         preset = dataclasses.replace(self.presets[kind], seed=self.preset.seed if seed is None else seed)
-        result = star.train_candidate(genome, self.corpus, preset, self.device, self.log)
+        rung = next((r for r in range(len(self.rungs)) if kind == stage(r)), None)
+        resume = read_state(state_path(self.out, compact, self.rungs[rung - 1])) if rung and self.out else None
+        keep = None
+        if rung is not None and rung + 1 < len(self.rungs) and self.out:  # a model that may continue
+            keep = lambda state: self.keep(state_path(self.out, compact, preset.steps), state)  # noqa: E731
+        result = star.train_candidate(genome, self.corpus, preset, self.device, self.log, resume=resume, keep=keep)
         if transient(result):  # ours: out of memory or a device error may pass; retried once
             if self.log:
                 self.log(f"  {result['error']}: retrying once")
-            result = {**star.train_candidate(genome, self.corpus, preset, self.device, self.log), "retried": True}
+            result = {**star.train_candidate(genome, self.corpus, preset, self.device, self.log, resume=resume,
+                                             keep=keep), "retried": True}
             result["transient"] = transient(result)  # failed twice so: a resume tries it again
         measured = time.time()
         if kind in self.probe_stages and result["status"] == "ok":
@@ -65,6 +76,25 @@ class Evaluator:
             except Exception as e:  # noqa: BLE001
                 result.update(status="failed", error=f"latency: {type(e).__name__}: {e}"[:300])
         return {**result, "seconds": round(time.time() - start, 2), "measure_seconds": round(time.time() - measured, 2)}
+
+    @staticmethod
+    def keep(path, state):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        config.write_file(path, lambda f: torch.save(state, f), "kept state")
+
+
+def state_path(out, compact, steps):
+    """Where a model's state kept at the decay of a `steps` budget lives (the search's seed)."""
+    key = hashlib.sha1(gn.to_compact(gn.canonical(gn.from_compact(compact))).encode()).hexdigest()[:20]
+    return os.path.join(out, "states", f"{key}-{steps}.pt")
+
+
+def read_state(path):
+    """A kept state, or None (none kept, or a damaged file: the training starts from scratch)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def stage(rung):
@@ -242,7 +272,7 @@ def serve(store, rank, world):
     torch.set_num_threads(settings["threads"])
     device = rank_device(settings["device"])
     log(f"worker pid {os.getpid()} on {device}, {settings['threads']} thread(s)")
-    workers = StoreWorkers(Evaluator(settings, device, log), store, rank, world, settings["lease"])
+    workers = StoreWorkers(Evaluator(settings, device, log, settings["out"]), store, rank, world, settings["lease"])
     for n in itertools.count():
         tasks = wait_get(store, f"job/{n}")
         if tasks is None:
