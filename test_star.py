@@ -1891,6 +1891,20 @@ def test_resume_across_world_sizes(tmp_path, one_process):
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 import prepare  # noqa: E402
+import study  # noqa: E402
+
+
+def test_the_study_retrains_each_choice_under_fresh_seeds_and_pairs_its_margins(tmp_path, confirmed_run, capsys):
+    out = tmp_path / "study.json"
+    study.main([str(confirmed_run), "--steps", "4", "--seeds", "7,8", "--threads", "1", "--out", str(out)])
+    done = json.loads(out.read_text())
+    assert len(done) == 2 * (len(gn.BASELINES) + 1) and {e["seed"] for e in done.values()} == {7, 8}
+    best = gn.to_compact(gn.load(str(confirmed_run / "best_genome.json")))
+    sm = gn.to_compact(gn.baseline("striped-mamba", 4))
+    d = [math.log(done[f"{s}/{best}"]["ppl"]) - math.log(done[f"{s}/{sm}"]["ppl"]) for s in (7, 8)]
+    half = 12.706 * np.std(d, ddof=1) / math.sqrt(2)  # t(0.975, 1 dof)
+    expected = report.fmt_margin(np.mean(d), np.mean(d) - half, np.mean(d) + half, "ppl")
+    assert expected in capsys.readouterr().out
 
 
 def test_prepare_writes_a_token_file_the_search_reads(tmp_path, capsys):

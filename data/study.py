@@ -1,19 +1,25 @@
-"""Retrain the search's choices (best_genome.json) of finished searches, and all three baselines, at a long budget on
-one corpus, and print each search's margins to the baselines with their spread over search seeds.
+"""Retrain the search's choices (best_genome.json) of finished searches, and all three baselines, at the
+target budget under fresh seeds on one corpus, and print each choice's paired margins to the baselines
+and to random search's choice of the same search seed.
 
-    python data/study.py runs/study/* --steps 1200 --out runs/study/long-shakespeare.json
-    python data/study.py runs/study/* --steps 1200 --data vim.bin --vocab-size 256 --out runs/study/long-vim.json
+    python data/study.py runs/study/* --steps 1200 --seeds 11,12,13 --out runs/study/target-shakespeare.json
+    python data/study.py runs/study/* --steps 1200 --seeds 11,12,13 --data vim.bin --vocab-size 256 \
+        --out runs/study/target-vim.json
 
-Every model trains once under the same seed, data order and preset (the runs' own, at --steps,
-warm-up scaled as the confirmation's); results are kept in --out after each training, so a killed
-study resumes where it stopped. The searches are grouped as --compare groups them
-(report.search_kind: evolution, evolution with rungs, random search).
+Every model trains under each seed, with the same data order per seed and the runs' own preset
+(schedule included) at --steps; choose seeds no search or confirmation used (a search with seed S
+confirms under S + 1, S + 2, S + 3). Results are kept in --out after each training, so a killed
+study resumes where it stopped. Margins are paired: the mean over seeds of the per-seed difference
+of log perplexity, with its 95% Student-t interval (report.margin). The searches are grouped as
+--compare groups them (report.search_kind).
 """
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import config  # noqa: E402
@@ -31,70 +37,64 @@ def read_run(path):
 def main(argv=None):
     p = config.Parser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="finished search directories (each with best_genome.json)")
-    p.add_argument("--steps", type=config.number("steps"), required=True, help="the long budget")
+    p.add_argument("--steps", type=config.number("steps"), required=True, help="the target budget")
+    p.add_argument("--seeds", default="11,12,13", help="training seeds, separated by commas (fresh ones)")
     p.add_argument("--data", default=None, help="a corpus (default: the embedded one)")
     p.add_argument("--vocab-size", type=config.number("vocab_size"), default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=config.number("threads"), default=1)
+    p.add_argument("--threads", type=config.number("threads"), default=2)
     p.add_argument("--out", required=True, help="results JSON (read first: a killed study resumes)")
     args = p.parse_args(argv)
     try:
+        seeds = [config.check_number("seed", int(x)) for x in args.seeds.split(",")]
         runs = {path: read_run(path) for path in args.runs}
-        base = config.Preset(**next(iter(runs.values()))[0]["preset"])
-        preset = dataclasses.replace(base, steps=args.steps, seed=args.seed,
-                                     warmup=round(base.warmup * args.steps / base.steps))
+        base = config.Preset(**{"decay": 1.0, **next(iter(runs.values()))[0]["preset"]})  # before version 6: cosine
+        preset = dataclasses.replace(base, steps=args.steps)
         corpus = star.Corpus(args.data, args.vocab_size).check(preset)
         done = gn.read_json(args.out, "study results") if os.path.exists(args.out) else {}
     except ValueError as e:
         config.fail(str(e))
-    torch_threads(args.threads)
+    import torch
+    torch.set_num_threads(args.threads)
     models = {name: gn.baseline(name, base.n_livs) for name in gn.BASELINES}
     models.update({gn.to_compact(g): g for _, g in runs.values()})
-    for i, (name, g) in enumerate(models.items()):
-        key = gn.to_compact(g)
-        if key not in done:
-            print(f"[{i + 1}/{len(models)}] {gn.summary(g)[:60]}", flush=True)
-            done[key] = star.train_candidate(g, corpus, preset, "cpu", log=lambda s: print("  " + s, flush=True))
-            config.write_file(args.out, json.dumps(done, indent=1))
-        print(f"  {name[:40]}: ppl {done[key]['ppl']}", flush=True)
-    print(table(runs, done))
+    for seed in seeds:
+        for i, (name, g) in enumerate(models.items()):
+            key = f"{seed}/{gn.to_compact(g)}"
+            if key not in done:
+                print(f"[seed {seed}, {i + 1}/{len(models)}] {gn.summary(g)[:60]}", flush=True)
+                result = star.train_candidate(g, corpus, dataclasses.replace(preset, seed=seed), "cpu")
+                done[key] = {**result, "seed": seed}
+                config.write_file(args.out, json.dumps(done, indent=1))
+            print(f"  {name[:40]}: ppl {done[key]['ppl']}", flush=True)
+    print(table(runs, done, seeds))
 
 
-def torch_threads(n):
-    import torch
-    torch.set_num_threads(n)
-
-
-def table(runs, done):
-    """Each run's best and its margins (% of perplexity, negative: the best is lower); then by kind
-    the mean and sample sd of each margin over the search seeds."""
-    ppl = {name: done[gn.to_compact(gn.baseline(name, len(next(iter(runs.values()))[1])))]["ppl"]
-           for name in gn.BASELINES}
-    lines = ["| search | seed | best | ppl | " + " | ".join(f"vs {n}" for n in gn.BASELINES) + " |",
+def table(runs, done, seeds):
+    """Each run's choice: its mean over the seeds and its paired margins to each baseline (negative:
+    the choice is lower); then, by kind, the mean margin over search seeds and how many are called."""
+    def model(g):
+        return SimpleNamespace(runs=[done[f"{seed}/{gn.to_compact(g)}"] for seed in seeds])
+    n = len(next(iter(runs.values()))[1])
+    baselines = {name: model(gn.baseline(name, n)) for name in gn.BASELINES}
+    lines = ["| search | seed | choice | ppl (mean) | " + " | ".join(f"vs {b} (paired)" for b in gn.BASELINES) + " |",
              "|---" * (4 + len(gn.BASELINES)) + "|"]
-    margins = {}
-    for path, (s, g) in sorted(runs.items(), key=lambda r: (report.search_kind(r[1][0]), r[1][0]["seed"])):
-        p = done[gn.to_compact(g)]["ppl"]
-        m = [100 * (p / ppl[n] - 1) for n in gn.BASELINES]
-        margins.setdefault(report.search_kind(s), []).append(m)
-        lines.append(f"| {report.search_kind(s)} | {s['seed']} | {gn.summary(g)[:40]} | {p:.3f} | " +
-                     " | ".join(f"{x:+.1f}%" for x in m) + " |")
+    margins, choices = {}, {}
+    for _, (s, g) in sorted(runs.items(), key=lambda r: (report.search_kind(r[1][0]), r[1][0]["seed"])):
+        c, kind = model(g), report.search_kind(s)
+        choices[kind, s["seed"]] = c
+        m = [report.margin(c, b, "ppl") for b in baselines.values()]
+        margins.setdefault(kind, []).append(m)
+        lines.append(f"| {kind} | {s['seed']} | {gn.summary(g)[:40]} | {report.mean(c, 'ppl'):.3f} | " +
+                     " | ".join(report.fmt_margin(*x, "ppl") for x in m) + " |")
     lines.append("")
-    for k, ms in margins.items():
-        cells = []
-        for col in zip(*ms):
-            sd = f" ± {statistics.stdev(col):.1f}" if len(col) > 1 else ""
-            cells.append(f"{statistics.mean(col):+.1f}%{sd}")
-        lines.append(f"{k} ({len(ms)} seeds): " + ", ".join(f"vs {n} {c}" for n, c in zip(gn.BASELINES, cells)))
-    best = {(report.search_kind(s), s["seed"]): done[gn.to_compact(g)]["ppl"] for s, g in runs.values()}
-    for k in sorted({k for k, _ in best} - {"random"}):
-        seeds = sorted(seed for kk, seed in best if kk == k and ("random", seed) in best)
-        d = [100 * (best[k, seed] / best["random", seed] - 1) for seed in seeds]
-        if d:
-            lines.append(f"{k} against random search (negative: {k} lower): " +
-                         ", ".join(f"seed {seed} {x:+.1f}%" for seed, x in zip(seeds, d)) +
-                         f"; mean {statistics.mean(d):+.1f}%, lower on {sum(x < 0 for x in d)} of {len(d)}")
-    lines.append("baselines: " + ", ".join(f"{n} {v:.3f}" for n, v in ppl.items()))
+    for kind, ms in margins.items():
+        cells = [f"{100 * (math.exp(statistics.mean(x[0] for x in col)) - 1):+.1f}% on average, below beyond "
+                 f"the interval on {sum(x[2] is not None and x[2] < 0 for x in col)} of {len(col)} search seeds" for col in zip(*ms)]
+        lines.append(f"{kind}: " + "; ".join(f"vs {b} {cell}" for b, cell in zip(gn.BASELINES, cells)))
+    for kind, seed in sorted(k for k in choices if k[0] != "random" and ("random", k[1]) in choices):
+        d, low, high = report.margin(choices[kind, seed], choices["random", seed], "ppl")
+        lines.append(f"{kind}, seed {seed}, against random search: {report.fmt_margin(d, low, high, 'ppl')}")
+    lines.append("baselines (mean): " + ", ".join(f"{b} {report.mean(c, 'ppl'):.3f}" for b, c in baselines.items()))
     return "\n".join(lines)
 
 
