@@ -49,9 +49,10 @@ PRESETS = {
 SEARCH_DEFAULTS = {  # evolve.py's, per preset (the README gives what each costs)
     # Asynchronous successive halving from 120 steps (~1 token per non-embedding parameter) to the
     # paper's ~10 (the tiny baselines have 230-237k: 1,200 steps of 16 x 128), the top third of each
-    # rung continued to the next; the choice confirmed there, under 3 fresh seeds.
+    # rung continued to the next; the choice, the next best and the baselines confirmed there under
+    # 3 fresh seeds (15 trainings: most of the bare run's time; README).
     "tiny": {"population": 8, "generations": 4, "rungs": [120, 400, 1200], "eta": 3,
-             "confirm_top": 2, "confirm_seeds": 3, "rank_check": 2},
+             "confirm_top": 1, "confirm_seeds": 3, "rank_check": 1},
     # Up to the paper's ~10 tokens per parameter (a 24-LIV width-256 baseline has ~9.7M without
     # embeddings: 3,000 steps of 32 x 1,024), the top eighth continued there (README: "The gpu
     # search's compute").

@@ -240,11 +240,9 @@ def prune_states(run):
     only means a training from scratch, to the same result): a model's state at a rung it has
     passed, and at its highest rung unless it is within twice the promotion share there."""
     for rung, steps in enumerate(run.settings["rungs"][:-1]):
-        below, here = run.at_rung(rung), run.at_rung(rung + 1)
-        ok = [e["compact"] for e in below.values() if e["status"] == "ok"]
-        order = best_first(*ranked(run, ok, rung)) if ok else []
-        hopeful = {model_key(ok[i]) for i in order[: 2 * len(ok) // run.settings["eta"]]} - set(here)
-        for e in below.values():
+        order = best_at(run, rung)
+        hopeful = {model_key(c) for c in order[: 2 * len(order) // run.settings["eta"]]} - set(run.at_rung(rung + 1))
+        for e in run.at_rung(rung).values():
             if e["key"] not in hopeful:
                 with contextlib.suppress(OSError):
                     os.remove(workers.state_path(run.out, e["compact"], steps))
@@ -253,11 +251,15 @@ def prune_states(run):
 def promotable(run, rung):
     """The models in the top 1/eta of the rung below that have no result at this rung (a transient
     failure there is tried again), best first."""
-    below, here = run.at_rung(rung - 1), run.at_rung(rung)
-    ok = [e["compact"] for e in below.values() if e["status"] == "ok"]
-    order = best_first(*ranked(run, ok, rung - 1)) if ok else []
-    top = [ok[i] for i in order[: len(ok) // run.settings["eta"]]]
-    return [c for c in top if model_key(c) not in here or here[model_key(c)].get("transient")]
+    order, here = best_at(run, rung - 1), run.at_rung(rung)
+    return [c for c in order[: len(order) // run.settings["eta"]]
+            if model_key(c) not in here or here[model_key(c)].get("transient")]
+
+
+def best_at(run, rung):
+    """The models that trained at this rung, best first by NSGA-II's order of their results there."""
+    ok = [e["compact"] for e in run.at_rung(rung).values() if e["status"] == "ok"]
+    return [ok[i] for i in best_first(*ranked(run, ok, rung))] if ok else []
 
 
 def next_population(run):

@@ -383,9 +383,8 @@ def train_candidate(genome, source, preset, device=None, log=None, save=None, re
     exception gives status 'failed' with the error.
 
     Continued training (ours, for successive halving): `keep(state)` receives the state where the
-    decay branch starts (weights, optimiser, step: kept_state); a training at a longer budget that
-    is given that state as `resume` continues from it, and ends as one uninterrupted training of
-    its own budget would (the schedule's stable phase and the data order do not depend on the budget).
+    decay starts (kept_state); a longer budget given it as `resume` continues from it, and ends as
+    one uninterrupted training would (the lr before the decay and the data order are budget-free).
 
     A data source is what a Corpus and a probes.Task share: `vocab_size`, `batches(split,
     n_batches, batch_size, seq_len, seed, device, start)` yielding (x, y) of (b, l) token ids, and
@@ -395,19 +394,7 @@ def train_candidate(genome, source, preset, device=None, log=None, save=None, re
               "train_seconds": 0.0, "tokens_per_second": 0.0}
     model = None
     try:
-        torch.manual_seed(preset.seed)  # the same initialisation stream for every candidate
-        model = build_model(genome, preset, source.vocab_size).to(device)
-        result["params"], result["params_non_embedding"] = param_counts(model)
-        result["cache_bytes"] = cache_bytes(model, preset.seq_len)
-        if preset.compile:
-            model.compile_blocks()
-        optimizer = make_optimizer(model, preset, device)
-        first = 0
-        if resume is not None and resume["step"] <= decay_start(preset):
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            first = resume["step"]
-        result["steps_trained"] = preset.steps - first
+        model, optimizer, first = start_training(genome, source, preset, device, resume, result)
         progress = Progress(preset, first, device, log)
         batches = source.batches("train", preset.steps - first, preset.batch_size, preset.seq_len, preset.seed,
                                  device, first)
@@ -439,6 +426,24 @@ def train_candidate(genome, source, preset, device=None, log=None, save=None, re
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def start_training(genome, source, preset, device, resume, result):
+    """The model (its sizes into result), its optimiser and the first step: 0, or a kept state's."""
+    torch.manual_seed(preset.seed)  # the same initialisation stream for every candidate
+    model = build_model(genome, preset, source.vocab_size).to(device)
+    result["params"], result["params_non_embedding"] = param_counts(model)
+    result["cache_bytes"] = cache_bytes(model, preset.seq_len)
+    if preset.compile:
+        model.compile_blocks()
+    optimizer = make_optimizer(model, preset, device)
+    first = 0
+    if resume is not None and resume["step"] <= decay_start(preset):
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        first = resume["step"]
+    result["steps_trained"] = preset.steps - first
+    return model, optimizer, first
 
 
 def kept_state(model, optimizer, step):
