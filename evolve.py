@@ -298,7 +298,7 @@ def baseline_compacts(run, n_livs=None):
 
 
 def confirm(run, pool, log):
-    """Retrain the finalists at the confirmation's longer budget under --confirm-seeds seeds never
+    """Retrain the finalists at the confirmation's budget (the target) under --confirm-seeds seeds never
     used by the search (its seed + 1, + 2, ..., common to all models), and once at the larger size if
     asked: how far the search's verdicts hold, with the seed-to-seed spread they have to clear."""
     s, size = run.settings, runs.large_size(run.settings)

@@ -124,7 +124,7 @@ def confirmation_section(r):
                     ([f"{key}, {size}"] if large else []) + [f"vs {n}, {base} → {steps} steps" for n in names],
                     table_rows), "",
              rule_line(max(len(c.runs) for c in rows)), "",
-             "Rank check (the search's order at the longer budget, over the top, the rank-check candidates spread "
+             "Rank check (the search's order against the confirmed means, over the top, the rank-check candidates spread "
              f"from just below the top to the bottom of the search, and the baselines): "
              f"{correlation_line(places, [mean(c, key) for c in rows])}", *rung_predictions(r, rows, key)]
     if len(large) > 1:

@@ -1587,7 +1587,7 @@ def test_promotion_reaches_across_generations_and_never_repeats():
     assert evolve.promotable(run, 2) == []  # one model at rung 1: its top half is empty
 
 
-def test_kept_states_stay_for_the_models_that_may_continue(tmp_path):
+def test_kept_states_stay_for_the_models_that_may_continue(tmp_path, capsys):
     """eta 4 over 4 models: twice the promotion share is the top 2 (b, d); b passed rung 0 already."""
     a, b, c, d = (f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9))
     run = fake_run({a: 5.0, b: 2.0, c: 6.0, d: 4.0}, [a, b], [])
@@ -1599,6 +1599,9 @@ def test_kept_states_stay_for_the_models_that_may_continue(tmp_path):
     assert [x for x in (a, b, c, d) if os.path.exists(workers.state_path(run.out, x, 60))] == [d]
     assert workers.read_state(workers.state_path(run.out, d, 60)) == {"step": 48}
     assert workers.read_state(workers.state_path(run.out, a, 60)) is None  # gone: a training from scratch
+    (tmp_path / "a_file").write_text("")
+    workers.Evaluator.keep(str(tmp_path / "a_file" / "y.pt"), {"step": 1})  # cannot be written: a warning
+    assert "from scratch" in capsys.readouterr().err
 
 
 RUNGS = ["--rungs", "3,6", "--eta", "2"]  # with search_args: --steps 3, population 4: the top half continue to 6

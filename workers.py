@@ -79,8 +79,12 @@ class Evaluator:
 
     @staticmethod
     def keep(path, state):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        config.write_file(path, lambda f: torch.save(state, f), "kept state")
+        """Write a kept state; one that cannot be written (a full disk) only costs a later retraining."""
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            config.write_file(path, lambda f: torch.save(state, f), "kept state")
+        except (OSError, ValueError) as e:
+            print(f"warning: {e}; a promotion of this model will train it from scratch", file=sys.stderr)
 
 
 def state_path(out, compact, steps):
