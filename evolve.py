@@ -431,17 +431,12 @@ def time_left(run, world=1):
     seconds per step measured so far: the search's with its measurements (probes, latency), the
     confirmation's without them (it takes none), / processes."""
     searched, confirmed = run.evaluations + list(run.baselines.values()), list(run.confirmed.values())
-    steps = [sum(steps_trained(e, run.settings) for e in part) for part in (searched, searched + confirmed)]
+    steps = [sum(report.trained(e, run.settings) for e in part) for part in (searched, searched + confirmed)]
     seconds = sum(e["seconds"] for e in searched), sum(e["seconds"] - e.get("measure_seconds", 0.0)
                                                         for e in searched + confirmed)
     search, confirm = planned_steps(run.settings)
     return (max(0, search - steps[0]) * seconds[0] / max(1, steps[0]) +
             max(0, confirm - (steps[1] - steps[0])) * seconds[1] / max(1, steps[1])) / world
-
-
-def steps_trained(e, s):
-    """The steps one training took: a continued one counts from its kept state."""
-    return e.get("steps_trained", e.get("steps") or s["rungs"][e.get("rung", 0)])
 
 
 def planned_steps(s):

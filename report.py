@@ -267,7 +267,7 @@ def top_section(r):
 def compute(r):
     """What the search's trainings cost (every candidate at every rung it trained at, once per
     distinct model): '1,920 candidate-steps, 3.9M tokens', so runs compare at equal compute."""
-    steps = sum(trained(r, e) for e in r.trainings)
+    steps = sum(trained(e, r.settings) for e in r.trainings)
     return f"{steps:,} candidate-steps, {fmt_count(steps * r.settings['preset']['batch_size'] * r.settings['preset']['seq_len'])} tokens"
 
 
@@ -278,16 +278,16 @@ def rung_lines(r):
         return []
     n, steps = Counter(e["rung"] for e in r.trainings), Counter()
     for e in r.trainings:
-        steps[e["rung"]] += trained(r, e)
+        steps[e["rung"]] += trained(e, r.settings)
     return [f"Rungs (asynchronous successive halving, the top 1/{r.settings.get('eta')} continued; each result at the "
             "highest rung it reached): " + "; ".join(
                 f"{b} steps: {n[i]} trainings, {fmt_count(steps[i] * preset['batch_size'] * preset['seq_len'])} tokens"
                 for i, b in enumerate(rungs)) + ".", ""]
 
 
-def trained(r, e):
-    """The steps a search training took (a continued one from its kept state; older runs: its rung's budget)."""
-    return e.get("steps_trained", r.settings["rungs"][e.get("rung", 0)])
+def trained(e, s):
+    """The steps one training took: a continued one from its kept state; older runs: its budget."""
+    return e.get("steps_trained", e.get("steps") or s["rungs"][e.get("rung", 0)])
 
 
 def rung_predictions(r, rows, key):
