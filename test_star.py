@@ -1910,6 +1910,22 @@ def test_the_study_retrains_each_choice_under_fresh_seeds_and_pairs_its_margins(
     assert expected in capsys.readouterr().out
 
 
+def test_the_study_says_how_well_each_rung_predicts_the_target():
+    """Constructed: four models reach the target (three candidates and a baseline continued to it), one
+    stops at the first rung, one failed at the middle one. The first rung orders the four as the target
+    does but one swap (rho 0.8 by hand: 1 - 6 x 2 / (4 x 15)), the middle rung reverses them (-1)."""
+    def e(key, rung, ppl, steps):
+        return {"key": key, "rung": rung, "ppl": ppl, "status": "ok" if ppl else "failed", "steps_trained": steps}
+    evaluations = [e("a", 0, 9.0, 10), e("b", 0, 8.0, 10), e("c", 0, 7.5, 10), e("d", 0, 9.9, 10), e("f", 0, 9.5, 10),
+                   e("a", 1, 5.0, 10), e("b", 1, 6.0, 10), e("c", 1, 7.0, 10), e("f", 1, None, 10),
+                   e("a", 2, 4.0, 20), e("b", 2, 3.0, 20), e("c", 2, 2.0, 20)]
+    baselines = {"sm": e("sm", 0, 8.5, 10), "sm@20": e("sm", 1, 4.0, 10), "sm@40": e("sm", 2, 4.5, 20)}
+    settings = {"rungs": [10, 20, 40], "preset": {"batch_size": 2, "seq_len": 5}}
+    line = study.search_lines("run", {"settings": settings, "evaluations": evaluations, "baselines": baselines})[0]
+    assert line.startswith("run: 150 candidate-steps, 1.5k tokens; over the 4 models at 40 steps")
+    assert "10 steps against 40: n = 4, Spearman's rho 0.80" in line and "20 steps against 40: n = 4, Spearman's rho -1.00" in line
+
+
 def test_prepare_writes_a_token_file_the_search_reads(tmp_path, capsys):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("héllo, world\n" * 300)

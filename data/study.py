@@ -31,7 +31,26 @@ import star  # noqa: E402
 def read_run(path):
     state = gn.read_json(os.path.join(path, "checkpoint.json"), "checkpoint")
     best = gn.from_json(gn.read_json(os.path.join(path, "best_genome.json"), "best genome"))
-    return state["settings"], best
+    return state["settings"], best, state
+
+
+def search_lines(path, state):
+    """One search: its compute, and how well each rung's order (under the search's seed) predicts the
+    order at the target, over the models (baselines included) that reached the target."""
+    rungs, at = state["settings"]["rungs"], {}  # (model, rung) -> ppl
+    for e in state["evaluations"]:
+        at[e["key"], e["rung"]] = e["ppl"] if e["status"] == "ok" else None
+    for name, e in state["baselines"].items():
+        base, _, steps = name.partition("@")
+        at[base, rungs.index(int(steps)) if steps else 0] = e["ppl"] if e["status"] == "ok" else None
+    top = [m for m, r in at if r == len(rungs) - 1 and all(at.get((m, i)) for i in range(len(rungs)))]
+    run = SimpleNamespace(trainings=state["evaluations"], settings=state["settings"])
+    if len(rungs) < 2:
+        return [f"{path}: {report.compute(run)}"]
+    return [f"{path}: {report.compute(run)}; over the {len(top)} models at {rungs[-1]} steps, " + "; ".join(
+        f"{rungs[r]} steps against {rungs[-1]}: " + report.correlation_line(
+            [at[m, r] for m in top], [at[m, len(rungs) - 1] for m in top]).split("; one-sided")[0]
+        for r in range(len(rungs) - 1))]
 
 
 def main(argv=None):
@@ -56,7 +75,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     models = {name: gn.baseline(name, base.n_livs) for name in gn.BASELINES}
-    models.update({gn.to_compact(g): g for _, g in runs.values()})
+    models.update({gn.to_compact(g): g for _, g, _ in runs.values()})
     for seed in seeds:
         for i, (name, g) in enumerate(models.items()):
             key = f"{seed}/{gn.to_compact(g)}"
@@ -67,6 +86,7 @@ def main(argv=None):
                 config.write_file(args.out, json.dumps(done, indent=1))
             print(f"  {name[:40]}: ppl {done[key]['ppl']}", flush=True)
     print(table(runs, done, seeds))
+    print("\n".join(line for path, (*_, state) in runs.items() for line in search_lines(path, state)))
 
 
 def table(runs, done, seeds):
@@ -79,7 +99,7 @@ def table(runs, done, seeds):
     lines = ["| search | seed | choice | ppl (mean) | " + " | ".join(f"vs {b} (paired)" for b in gn.BASELINES) + " |",
              "|---" * (4 + len(gn.BASELINES)) + "|"]
     margins, choices = {}, {}
-    for _, (s, g) in sorted(runs.items(), key=lambda r: (report.search_kind(r[1][0]), r[1][0]["seed"])):
+    for _, (s, g, _) in sorted(runs.items(), key=lambda r: (report.search_kind(r[1][0]), r[1][0]["seed"])):
         c, kind = model(g), report.search_kind(s)
         choices[kind, s["seed"]] = c
         m = [report.margin(c, b, "ppl") for b in baselines.values()]
@@ -91,9 +111,14 @@ def table(runs, done, seeds):
         cells = [f"{100 * (math.exp(statistics.mean(x[0] for x in col)) - 1):+.1f}% on average, below beyond "
                  f"the interval on {sum(x[2] is not None and x[2] < 0 for x in col)} of {len(col)} search seeds" for col in zip(*ms)]
         lines.append(f"{kind}: " + "; ".join(f"vs {b} {cell}" for b, cell in zip(gn.BASELINES, cells)))
+    against = {}
     for kind, seed in sorted(k for k in choices if k[0] != "random" and ("random", k[1]) in choices):
-        d, low, high = report.margin(choices[kind, seed], choices["random", seed], "ppl")
+        d, low, high = against.setdefault(kind, {})[seed] = report.margin(choices[kind, seed], choices["random", seed], "ppl")
         lines.append(f"{kind}, seed {seed}, against random search: {report.fmt_margin(d, low, high, 'ppl')}")
+    for kind, ms in against.items():
+        lines.append(f"{kind} against random search: {100 * (math.exp(statistics.mean(m[0] for m in ms.values())) - 1):+.1f}% "
+                     f"on average, below beyond the interval on {sum(report.called(lo, hi) and d < 0 for d, lo, hi in ms.values())} "
+                     f"of {len(ms)} search seeds")
     lines.append("baselines (mean): " + ", ".join(f"{b} {report.mean(c, 'ppl'):.3f}" for b, c in baselines.items()))
     return "\n".join(lines)
 
