@@ -149,7 +149,7 @@ def search(run, pool, log=print):
     s = run.settings
     run_baselines(run, pool, log)
     if not run.population and not run.pending:
-        run.pending = [gn.to_compact(gn.random_genome(s["preset"]["n_livs"], run.rng)) for _ in range(s["population"])]
+        run.pending = [gn.to_compact(g) for g in first_generation(s, run.rng)]
         run.save()
     while True:
         if run.pending:  # a generation to finish (on resume: part of it may be done, at any rung)
@@ -171,6 +171,16 @@ def search(run, pool, log=print):
         run.save()
     shutil.rmtree(os.path.join(run.out, "states"), ignore_errors=True)  # (a resume with more generations retrains)
     confirm(run, pool, log)
+
+
+def first_generation(s, rng):
+    """Random genomes (paper section 4), or with --init hybrids (ours: LFM2 and PostNAS start from known
+    designs) the baselines and, for the other places, mutants of them in turn."""
+    n, size = s["preset"]["n_livs"], s["population"]
+    if s["init"] == "random":
+        return [gn.random_genome(n, rng) for _ in range(size)]
+    hybrids = [gn.baseline(name, n) for name in config.SEARCH_BASELINES]
+    return hybrids[:size] + [gn.mutate(hybrids[i % len(hybrids)], rng, s["mutation"]) for i in range(size - len(hybrids))]
 
 
 def ranked(run, compacts, rung=None):

@@ -18,7 +18,7 @@ import genome as gn
 import probes
 import workers
 
-VERSION = 6  # of checkpoint.json (versions 2 to 5 are read too: Run.load)
+VERSION = 7  # of checkpoint.json (versions 2 to 6 are read too: Run.load)
 FAILED = 1e30  # the objective value of a failed candidate: worse than anything real
 
 
@@ -93,12 +93,13 @@ class Run:
 
 
 def upgrade(state):
-    """An older checkpoint in version 6's names; else as read. Version 2 -> 3: 'batch' became
+    """An older checkpoint in version 7's names; else as read. Version 2 -> 3: 'batch' became
     'pending'; 'extra', results under 'seed:<key>' and 'confirm:<key>', became 'noise' and
     'confirmed' keyed by model. 3 -> 4: the noise run is gone (the spread is measured over the
     confirmation's seeds); confirmed results are keyed 'confirm/<seed>/<key>', the seed the search's
     + 1; the settings gain the confirmation's new flags, off. 4 -> 5: one rung, the search's budget. 5 -> 6: the lr schedule
-    of those trainings, cosine after the warm-up (decay 1.0); promotion by the top quarter (eta 4)."""
+    of those trainings, cosine after the warm-up (decay 1.0); promotion by the top quarter (eta 4). 6 -> 7: a random
+    generation 0 (init 'random')."""
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         return state
     if state.get("version") == 2 and isinstance(state.get("extra"), dict):
@@ -130,6 +131,8 @@ def upgrade(state):
     if state.get("version") == 5 and isinstance(state["settings"].get("preset"), dict):
         state = {**state, "version": 6, "settings": {"eta": 4, **state["settings"],
                                                      "preset": {"decay": 1.0, **state["settings"]["preset"]}}}
+    if state.get("version") == 6:
+        state = {**state, "version": 7, "settings": {"init": "random", **state["settings"]}}
     return state
 
 
@@ -145,8 +148,12 @@ def check_settings(s):
                        ("confirm_steps", (int,)), ("confirm_top", (int,)), ("probes", (bool,)),
                        ("confirm_seeds", (int,)), ("rank_check", (int,)), ("random_search", (bool,)),
                        ("confirm_n_livs", (int, type(None))), ("confirm_width", (int, type(None))),
-                       ("run_id", (str,)), ("rungs", (list,)), ("eta", (int,))):
+                       ("run_id", (str,)), ("rungs", (list,)), ("eta", (int,)), ("init", (str,))):
         config.field(s, key, kinds, "settings")
+    if s["init"] not in ("random", "hybrids"):
+        raise ValueError(f"settings.init: {s['init']!r} is not random or hybrids")
+    if s["init"] == "hybrids" and s["preset"].get("n_livs", 1) % 2:
+        raise ValueError(f"--init hybrids: the baselines need an even --n-livs, not {s['preset']['n_livs']}")
     if s["objective"] not in config.OBJECTIVES:
         raise ValueError(f"unknown objective {s['objective']!r}; choose from {', '.join(config.OBJECTIVES)}")
     if "recall_error" in config.OBJECTIVES[s["objective"]] and not s["probes"]:
@@ -315,6 +322,8 @@ def parse_args(argv):
                    help=f"the top 1/N of a rung's results continue to the next ({per_preset('eta')})")
     p.add_argument("--random-search", action="store_true", default=None,
                    help="the equal-budget control: every generation drawn at random (no selection, crossover, mutation)")
+    p.add_argument("--init", choices=("random", "hybrids"), default=None,
+                   help="generation 0: random genomes (the paper), or the baselines and their mutants (default random)")
     p.add_argument("--lease", type=config.number("lease"), default=120.0, metavar="SECONDS",
                    help="under torchrun: a task whose process shows no life for this long is trained elsewhere")
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR",
@@ -365,7 +374,7 @@ def settings_from_args(args, log):
                 "confirm_steps": given(args.confirm_steps, rungs[-1]),  # the target
                 "confirm_n_livs": args.confirm_n_livs, "confirm_width": args.confirm_width,
                 "random_search": bool(args.random_search), "run_id": uuid.uuid4().hex,
-                "rungs": rungs, "eta": given(args.eta, defaults["eta"])}
+                "rungs": rungs, "eta": given(args.eta, defaults["eta"]), "init": args.init or "random"}
     for key in ("confirm_top", "confirm_seeds", "rank_check"):
         settings[key] = given(getattr(args, key), defaults[key])
     settings["probes"] = bool(args.probes) or "recall_error" in config.OBJECTIVES.get(settings["objective"], ())
@@ -377,7 +386,8 @@ def check_resume_conflicts(args, saved):
     confirmation's flags may change (they do not alter what was trained), checked again."""
     given = {"objective": args.objective, "population": args.population, "mutation": args.mutation,
              "data": args.data, "vocab_size": args.vocab_size, "preset_name": args.preset, "threads": args.threads,
-             "probes": args.probes, "random_search": args.random_search, "rungs": args.rungs, "eta": args.eta}
+             "probes": args.probes, "random_search": args.random_search, "rungs": args.rungs, "eta": args.eta,
+             "init": args.init}
     given.update({f.name: getattr(args, f.name) for f in dataclasses.fields(config.Preset)})
     for key, value in given.items():
         have = saved["preset"][key] if key in saved["preset"] else saved[key]

@@ -610,6 +610,20 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, cap
     assert final[0] == final[1]
 
 
+def test_init_hybrids_starts_from_the_baselines_and_their_mutants(tmp_path):
+    """--init hybrids: generation 0 holds the three baselines, then mutants of each in turn (every one
+    a valid genome that differs from its parent: mutation at rate 1); an odd depth is refused."""
+    evolve.main(search_args(tmp_path, "--init", "hybrids", "--population", "5", "--generations", "1", "--mutation", "1"))
+    first = [e for e in read_evaluations(tmp_path) if e["generation"] == 0]
+    hybrids = [gn.to_compact(gn.baseline(name, 2)) for name in config.SEARCH_BASELINES]
+    assert [e["compact"] for e in first[:3]] == hybrids and len(first) == 5
+    assert all(gn.validate(gn.from_compact(e["compact"])) == [] and e["compact"] not in hybrids for e in first[3:])
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["settings"]["init"] == "hybrids"
+    with pytest.raises(SystemExit) as stop:
+        evolve.main(search_args(tmp_path / "odd", "--init", "hybrids", "--n-livs", "3"))
+    assert stop.value.code == 1
+
+
 def as_version_2(path):
     """Rewrite a checkpoint in version 2's names: 'batch' for the pending genomes, 'extra' for the
     confirmation results (one seed, the search's + 1, then) under 'confirm:' prefixes; none of the
@@ -619,7 +633,7 @@ def as_version_2(path):
     extra = {"confirm:" + k.split("/")[2]: {f: v for f, v in e.items() if f != "seed"}
              for k, e in s.pop("confirmed").items() if k.startswith(f"confirm/{seed}/")}
     for key in ("confirm_seeds", "rank_check", "random_search", "confirm_n_livs", "confirm_width", "run_id", "rungs",
-                "eta"):
+                "eta", "init"):
         s["settings"].pop(key)
     s["settings"]["preset"].pop("decay")
     for e in s["evaluations"]:
@@ -1016,7 +1030,8 @@ def finished_run(tmp_path_factory):
 
 
 CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
-    (lambda s: s.update(version=7), "version"),
+    (lambda s: s.update(version=8), "version"),
+    (lambda s: s["settings"].update(init="hybrid"), "settings.init"),
     (lambda s: s["settings"]["preset"].update(width=-4), "--width"),
     (lambda s: s["settings"]["preset"].update(heads=True), "--heads"),
     (lambda s: s["settings"]["preset"].update(colour=1), "settings.preset"),
