@@ -152,8 +152,6 @@ def check_settings(s):
         config.field(s, key, kinds, "settings")
     if s["init"] not in ("random", "hybrids"):
         raise ValueError(f"settings.init: {s['init']!r} is not random or hybrids")
-    if s["init"] == "hybrids" and s["preset"].get("n_livs", 1) % 2:
-        raise ValueError(f"--init hybrids: the baselines need an even --n-livs, not {s['preset']['n_livs']}")
     if s["objective"] not in config.OBJECTIVES:
         raise ValueError(f"unknown objective {s['objective']!r}; choose from {', '.join(config.OBJECTIVES)}")
     if "recall_error" in config.OBJECTIVES[s["objective"]] and not s["probes"]:
@@ -171,6 +169,8 @@ def check_settings(s):
             config.check_number(key, s[key])
         except ValueError as e:
             raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+    if s["init"] == "hybrids" and s["preset"]["n_livs"] % 2:
+        raise ValueError(f"--init hybrids: the baselines need an even --n-livs, not {s['preset']['n_livs']}")
     check_rungs(s["rungs"], s["preset"]["steps"])
     if large_size(s):
         n, n_livs = s["preset"]["n_livs"], large_size(s)[0]

@@ -31,7 +31,7 @@ import star  # noqa: E402
 def read_run(path):
     state = gn.read_json(os.path.join(path, "checkpoint.json"), "checkpoint")
     best = gn.from_json(gn.read_json(os.path.join(path, "best_genome.json"), "best genome"))
-    return state["settings"], best, state
+    return state, best
 
 
 def search_lines(path, state):
@@ -49,7 +49,7 @@ def search_lines(path, state):
         return [f"{path}: {report.compute(run)}"]
     return [f"{path}: {report.compute(run)}; over the {len(top)} models at {rungs[-1]} steps, " + "; ".join(
         f"{rungs[r]} steps against {rungs[-1]}: " + report.correlation_line(
-            [at[m, r] for m in top], [at[m, len(rungs) - 1] for m in top]).split("; one-sided")[0]
+            [at[m, r] for m in top], [at[m, len(rungs) - 1] for m in top])
         for r in range(len(rungs) - 1))]
 
 
@@ -66,7 +66,7 @@ def main(argv=None):
     try:
         seeds = [config.check_number("seed", int(x)) for x in args.seeds.split(",")]
         runs = {path: read_run(path) for path in args.runs}
-        base = config.Preset(**{"decay": 1.0, **next(iter(runs.values()))[0]["preset"]})  # before version 6: cosine
+        base = config.Preset(**{"decay": 1.0, **next(iter(runs.values()))[0]["settings"]["preset"]})  # before version 6: cosine
         preset = dataclasses.replace(base, steps=args.steps)
         corpus = star.Corpus(args.data, args.vocab_size).check(preset)
         done = gn.read_json(args.out, "study results") if os.path.exists(args.out) else {}
@@ -75,7 +75,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     models = {name: gn.baseline(name, base.n_livs) for name in gn.BASELINES}
-    models.update({gn.to_compact(g): g for _, g, _ in runs.values()})
+    models.update({gn.to_compact(g): g for _, g in runs.values()})
     for seed in seeds:
         for i, (name, g) in enumerate(models.items()):
             key = f"{seed}/{gn.to_compact(g)}"
@@ -86,7 +86,7 @@ def main(argv=None):
                 config.write_file(args.out, json.dumps(done, indent=1))
             print(f"  {name[:40]}: ppl {done[key]['ppl']}", flush=True)
     print(table(runs, done, seeds))
-    print("\n".join(line for path, (*_, state) in runs.items() for line in search_lines(path, state)))
+    print("\n".join(line for path, (state, _) in runs.items() for line in search_lines(path, state)))
 
 
 def table(runs, done, seeds):
@@ -99,7 +99,9 @@ def table(runs, done, seeds):
     lines = ["| search | seed | choice | ppl (mean) | " + " | ".join(f"vs {b} (paired)" for b in gn.BASELINES) + " |",
              "|---" * (4 + len(gn.BASELINES)) + "|"]
     margins, choices = {}, {}
-    for _, (s, g, _) in sorted(runs.items(), key=lambda r: (report.search_kind(r[1][0]), r[1][0]["seed"])):
+    for _, (state, g) in sorted(runs.items(), key=lambda r: (report.search_kind(r[1][0]["settings"]),
+                                                              r[1][0]["settings"]["seed"])):
+        s = state["settings"]
         c, kind = model(g), report.search_kind(s)
         choices[kind, s["seed"]] = c
         m = [report.margin(c, b, "ppl") for b in baselines.values()]
@@ -108,19 +110,22 @@ def table(runs, done, seeds):
                      " | ".join(report.fmt_margin(*x, "ppl") for x in m) + " |")
     lines.append("")
     for kind, ms in margins.items():
-        cells = [f"{100 * (math.exp(statistics.mean(x[0] for x in col)) - 1):+.1f}% on average, below beyond "
-                 f"the interval on {sum(x[2] is not None and x[2] < 0 for x in col)} of {len(col)} search seeds" for col in zip(*ms)]
-        lines.append(f"{kind}: " + "; ".join(f"vs {b} {cell}" for b, cell in zip(gn.BASELINES, cells)))
+        lines.append(f"{kind}: " + "; ".join(f"vs {b} {over_seeds(col)}" for b, col in zip(gn.BASELINES, zip(*ms))))
     against = {}
     for kind, seed in sorted(k for k in choices if k[0] != "random" and ("random", k[1]) in choices):
         d, low, high = against.setdefault(kind, {})[seed] = report.margin(choices[kind, seed], choices["random", seed], "ppl")
         lines.append(f"{kind}, seed {seed}, against random search: {report.fmt_margin(d, low, high, 'ppl')}")
     for kind, ms in against.items():
-        lines.append(f"{kind} against random search: {100 * (math.exp(statistics.mean(m[0] for m in ms.values())) - 1):+.1f}% "
-                     f"on average, below beyond the interval on {sum(report.called(lo, hi) and d < 0 for d, lo, hi in ms.values())} "
-                     f"of {len(ms)} search seeds")
+        lines.append(f"{kind} against random search: {over_seeds(list(ms.values()))}")
     lines.append("baselines (mean): " + ", ".join(f"{b} {report.mean(c, 'ppl'):.3f}" for b, c in baselines.items()))
     return "\n".join(lines)
+
+
+def over_seeds(margins):
+    """Paired margins (d, low, high), one per search seed: their mean, and how many are below beyond the interval."""
+    below = sum(report.called(low, high) and d < 0 for d, low, high in margins)
+    return (f"{100 * (math.exp(statistics.mean(m[0] for m in margins)) - 1):+.1f}% on average, below beyond the "
+            f"interval on {below} of {len(margins)} search seeds")
 
 
 if __name__ == "__main__":
