@@ -234,10 +234,11 @@ def compare_section(runs):
 
 
 def search_kind(s):
-    """'evolution', 'evolution, rungs 60,240' or 'random' (the control): how --compare groups runs."""
-    if s.get("random_search"):
-        return "random"
-    return "evolution" + (f", rungs {','.join(map(str, s['rungs']))}" if len(s.get("rungs", [])) > 1 else "")
+    """'evolution', 'evolution, rungs 60,240', 'random' (the control), each with ', init hybrids' when
+    generation 0 was the hybrids: how --compare groups runs."""
+    rungs = f", rungs {','.join(map(str, s['rungs']))}" if len(s.get("rungs", [])) > 1 else ""
+    return ("random" if s.get("random_search") else "evolution" + rungs) + (
+        ", init hybrids" if s.get("init") == "hybrids" else "")
 
 
 def top_section(r):

@@ -1923,6 +1923,21 @@ def test_the_study_retrains_each_choice_under_fresh_seeds_and_pairs_its_margins(
     half = 12.706 * np.std(d, ddof=1) / math.sqrt(2)  # t(0.975, 1 dof)
     expected = report.fmt_margin(np.mean(d), np.mean(d) - half, np.mean(d) + half, "ppl")
     assert expected in capsys.readouterr().out
+    # the lr check: the same study, the baselines also at lr x 2; the rest is read back, not retrained
+    study.main([str(confirmed_run), "--steps", "4", "--seeds", "7,8", "--threads", "1", "--out", str(out),
+                "--lr-factors", "2"])
+    done, printed = json.loads(out.read_text()), capsys.readouterr().out
+    assert len(done) == 2 * (2 * len(gn.BASELINES) + 1)
+    assert sum(line.startswith("[") for line in printed.splitlines()) == 2 * len(gn.BASELINES)  # only those trained
+    preset = config.Preset(**{**json.loads((confirmed_run / "checkpoint.json").read_text())["settings"]["preset"],
+                              "steps": 4, "seed": 8})
+    alone = star.train_candidate(gn.baseline("striped-mamba", 4), star.Corpus(None, None),
+                                 dataclasses.replace(preset, lr=2 * preset.lr), "cpu")
+    assert alone["ppl"] == done[f"8/lr x2/{sm}"]["ppl"] != done[f"8/{sm}"]["ppl"]
+    d = [math.log(done[f"{s}/lr x2/{sm}"]["ppl"]) - math.log(done[f"{s}/{sm}"]["ppl"]) for s in (7, 8)]
+    half = 12.706 * np.std(d, ddof=1) / math.sqrt(2)
+    assert f"x2 {math.exp(np.mean([math.log(done[f'{s}/lr x2/{sm}']['ppl']) for s in (7, 8)])):.3f} (" + report.fmt_margin(
+        np.mean(d), np.mean(d) - half, np.mean(d) + half, "ppl") + ")" in printed
 
 
 def test_the_study_says_how_well_each_rung_predicts_the_target():

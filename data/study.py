@@ -5,13 +5,15 @@ and to random search's choice of the same search seed.
     python data/study.py runs/study/* --steps 1200 --seeds 11,12,13 --out runs/study/target-shakespeare.json
     python data/study.py runs/study/* --steps 1200 --seeds 11,12,13 --data vim.bin --vocab-size 256 \
         --out runs/study/target-vim.json
+    python data/study.py runs/study/evolution-0 --steps 1200 --lr-factors 0.5,2 --out runs/study/target-embedded.json
 
 Every model trains under each seed, with the same data order per seed and the runs' own preset
 (schedule included) at --steps; choose seeds no search or confirmation used (a search with seed S
 confirms under S + 1, S + 2, S + 3). Results are kept in --out after each training, so a killed
 study resumes where it stopped. Margins are paired: the mean over seeds of the per-seed difference
 of log perplexity, with its 95% Student-t interval (report.margin). The searches are grouped as
---compare groups them (report.search_kind).
+--compare groups them (report.search_kind). With --lr-factors the baselines also train at the runs' lr
+times each factor, paired with their own lr (issue 28: is the shared lr a handicap?).
 """
 import dataclasses
 import json
@@ -61,10 +63,13 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="a corpus (default: the embedded one)")
     p.add_argument("--vocab-size", type=config.number("vocab_size"), default=None)
     p.add_argument("--threads", type=config.number("threads"), default=2)
+    p.add_argument("--lr-factors", default=None, metavar="F,F", help="also train each baseline at the runs' lr "
+                   "times each factor (e.g. 0.5,2), paired with its own lr: is the shared lr a handicap?")
     p.add_argument("--out", required=True, help="results JSON (read first: a killed study resumes)")
     args = p.parse_args(argv)
     try:
         seeds = [config.check_number("seed", int(x)) for x in args.seeds.split(",")]
+        factors = [config.check_number("lr", float(x)) for x in args.lr_factors.split(",")] if args.lr_factors else []
         runs = {path: read_run(path) for path in args.runs}
         base = config.Preset(**{"decay": 1.0, **next(iter(runs.values()))[0]["settings"]["preset"]})  # before version 6: cosine
         preset = dataclasses.replace(base, steps=args.steps)
@@ -76,24 +81,43 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     models = {name: gn.baseline(name, base.n_livs) for name in gn.BASELINES}
     models.update({gn.to_compact(g): g for _, g in runs.values()})
-    for seed in seeds:
-        for i, (name, g) in enumerate(models.items()):
-            key = f"{seed}/{gn.to_compact(g)}"
-            if key not in done:
-                print(f"[seed {seed}, {i + 1}/{len(models)}] {gn.summary(g)[:60]}", flush=True)
-                result = star.train_candidate(g, corpus, dataclasses.replace(preset, seed=seed), "cpu")
-                done[key] = {**result, "seed": seed}
-                config.write_file(args.out, json.dumps(done, indent=1))
-            print(f"  {name[:40]}: ppl {done[key]['ppl']}", flush=True)
+    jobs = [(seed, name, g, 1.0) for seed in seeds for name, g in models.items()]
+    jobs += [(seed, name, models[name], f) for f in factors for seed in seeds for name in gn.BASELINES]
+    for i, (seed, name, g, factor) in enumerate(jobs):
+        key = study_key(seed, g, factor)
+        if key not in done:
+            print(f"[{i + 1}/{len(jobs)}, seed {seed}, lr x{factor:g}] {gn.summary(g)[:60]}", flush=True)
+            result = star.train_candidate(g, corpus, dataclasses.replace(preset, seed=seed, lr=preset.lr * factor), "cpu")
+            done[key] = {**result, "seed": seed}
+            config.write_file(args.out, json.dumps(done, indent=1))
+        print(f"  {name[:40]}: ppl {done[key]['ppl']}", flush=True)
     print(table(runs, done, seeds))
     print("\n".join(line for path, (state, _) in runs.items() for line in search_lines(path, state)))
+    if factors:
+        print("\n".join(lr_lines(done, seeds, factors, base.n_livs)))
+
+
+def study_key(seed, g, factor=1.0):
+    return f"{seed}/{gn.to_compact(g)}" if factor == 1.0 else f"{seed}/lr x{factor:g}/{gn.to_compact(g)}"
+
+
+def lr_lines(done, seeds, factors, n_livs):
+    """Each baseline at each lr factor: its mean ppl and its paired margin to the shared lr (x1)."""
+    lines = []
+    for name in gn.BASELINES:
+        g = gn.baseline(name, n_livs)
+        at = {f: SimpleNamespace(runs=[done[study_key(seed, g, f)] for seed in seeds]) for f in [1.0, *factors]}
+        lines.append(f"{name}: lr x1 {report.mean(at[1.0], 'ppl'):.3f}; " + "; ".join(
+            f"x{f:g} {report.mean(at[f], 'ppl'):.3f} ({report.fmt_margin(*report.margin(at[f], at[1.0], 'ppl'), 'ppl')})"
+            for f in factors))
+    return lines
 
 
 def table(runs, done, seeds):
     """Each run's choice: its mean over the seeds and its paired margins to each baseline (negative:
     the choice is lower); then, by kind, the mean margin over search seeds and how many are called."""
     def model(g):
-        return SimpleNamespace(runs=[done[f"{seed}/{gn.to_compact(g)}"] for seed in seeds])
+        return SimpleNamespace(runs=[done[study_key(seed, g)] for seed in seeds])
     n = len(next(iter(runs.values()))[1])
     baselines = {name: model(gn.baseline(name, n)) for name in gn.BASELINES}
     lines = ["| search | seed | choice | ppl (mean) | " + " | ".join(f"vs {b} (paired)" for b in gn.BASELINES) + " |",
