@@ -82,7 +82,7 @@ def main(argv=None):
     models = {name: gn.baseline(name, base.n_livs) for name in gn.BASELINES}
     models.update({gn.to_compact(g): g for _, g in runs.values()})
     jobs = [(seed, name, g, 1.0) for seed in seeds for name, g in models.items()]
-    jobs += [(seed, name, models[name], f) for f in factors for seed in seeds for name in gn.BASELINES]
+    jobs += [(seed, name, models[name], f) for seed in seeds for f in factors for name in gn.BASELINES]
     for i, (seed, name, g, factor) in enumerate(jobs):
         key = study_key(seed, g, factor)
         if key not in done:
