@@ -1938,6 +1938,14 @@ def test_the_study_retrains_each_choice_under_fresh_seeds_and_pairs_its_margins(
     half = 12.706 * np.std(d, ddof=1) / math.sqrt(2)
     assert f"x2 {math.exp(np.mean([math.log(done[f'{s}/lr x2/{sm}']['ppl']) for s in (7, 8)])):.3f} (" + report.fmt_margin(
         np.mean(d), np.mean(d) - half, np.mean(d) + half, "ppl") + ")" in printed
+    # a search still running is refused: its best_genome.json may still change
+    running = tmp_path / "running"
+    shutil.copytree(confirmed_run, running)
+    state = json.loads((running / "checkpoint.json").read_text())
+    (running / "checkpoint.json").write_text(json.dumps({**state, "generation": state["generation"] - 1}))
+    with pytest.raises(SystemExit) as stop:
+        study.main([str(running), "--steps", "4", "--out", str(tmp_path / "other.json")])
+    assert stop.value.code == 1 and "not a finished search" in capsys.readouterr().err
 
 
 def test_the_study_says_how_well_each_rung_predicts_the_target():

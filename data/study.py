@@ -32,6 +32,9 @@ import star  # noqa: E402
 
 def read_run(path):
     state = gn.read_json(os.path.join(path, "checkpoint.json"), "checkpoint")
+    if state["pending"] or state["generation"] + 1 < state["settings"]["generations"]:  # its choice may still change
+        raise ValueError(f"{path}: not a finished search (generation {state['generation'] + 1} of "
+                         f"{state['settings']['generations']})")
     best = gn.from_json(gn.read_json(os.path.join(path, "best_genome.json"), "best genome"))
     return state, best
 
