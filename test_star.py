@@ -1938,6 +1938,12 @@ def test_the_study_retrains_each_choice_under_fresh_seeds_and_pairs_its_margins(
     half = 12.706 * np.std(d, ddof=1) / math.sqrt(2)
     assert f"x2 {math.exp(np.mean([math.log(done[f'{s}/lr x2/{sm}']['ppl']) for s in (7, 8)])):.3f} (" + report.fmt_margin(
         np.mean(d), np.mean(d) - half, np.mean(d) + half, "ppl") + ")" in printed
+    # the choice against each baseline at the baseline's best lr (here: of x1 and x2, by its mean)
+    f = min((1, 2), key=lambda f: np.mean([math.log(done[f"{s}/{sm}" if f == 1 else f"{s}/lr x2/{sm}"]["ppl"]) for s in (7, 8)]))
+    d = [math.log(done[f"{s}/{best}"]["ppl"]) - math.log(done[f"{s}/{sm}" if f == 1 else f"{s}/lr x2/{sm}"]["ppl"])
+         for s in (7, 8)]
+    half = 12.706 * np.std(d, ddof=1) / math.sqrt(2)
+    assert f"striped-mamba x{f} " + report.fmt_margin(np.mean(d), np.mean(d) - half, np.mean(d) + half, "ppl") in printed
     # a search still running is refused: its best_genome.json may still change
     running = tmp_path / "running"
     shutil.copytree(confirmed_run, running)

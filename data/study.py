@@ -97,22 +97,30 @@ def main(argv=None):
     print(table(runs, done, seeds))
     print("\n".join(line for path, (state, _) in runs.items() for line in search_lines(path, state)))
     if factors:
-        print("\n".join(lr_lines(done, seeds, factors, base.n_livs)))
+        print("\n".join(lr_lines(done, seeds, factors, base.n_livs, runs)))
 
 
 def study_key(seed, g, factor=1.0):
     return f"{seed}/{gn.to_compact(g)}" if factor == 1.0 else f"{seed}/lr x{factor:g}/{gn.to_compact(g)}"
 
 
-def lr_lines(done, seeds, factors, n_livs):
-    """Each baseline at each lr factor: its mean ppl and its paired margin to the shared lr (x1)."""
-    lines = []
+def lr_lines(done, seeds, factors, n_livs, runs):
+    """Each baseline at each lr factor: its mean ppl and its paired margin to the shared lr (x1); then
+    each run's choice (at the shared lr) against each baseline at the baseline's best lr."""
+    def model(g, f=1.0):
+        return SimpleNamespace(runs=[done[study_key(seed, g, f)] for seed in seeds])
+    lines, best = [], {}
     for name in gn.BASELINES:
         g = gn.baseline(name, n_livs)
-        at = {f: SimpleNamespace(runs=[done[study_key(seed, g, f)] for seed in seeds]) for f in [1.0, *factors]}
+        at = {f: model(g, f) for f in [1.0, *factors]}
+        best[name] = min(at, key=lambda f: report.mean(at[f], "ppl"))
         lines.append(f"{name}: lr x1 {report.mean(at[1.0], 'ppl'):.3f}; " + "; ".join(
             f"x{f:g} {report.mean(at[f], 'ppl'):.3f} ({report.fmt_margin(*report.margin(at[f], at[1.0], 'ppl'), 'ppl')})"
             for f in factors))
+    for path, (_, g) in runs.items():
+        lines.append(f"{path} against each baseline at its best lr: " + "; ".join(
+            f"{name} x{f:g} {report.fmt_margin(*report.margin(model(g), model(gn.baseline(name, n_livs), f), 'ppl'), 'ppl')}"
+            for name, f in best.items()))
     return lines
 
 
