@@ -104,11 +104,16 @@ def study_key(seed, g, factor=1.0):
     return f"{seed}/{gn.to_compact(g)}" if factor == 1.0 else f"{seed}/lr x{factor:g}/{gn.to_compact(g)}"
 
 
+def trained(done, seeds, g, factor=1.0):
+    """One model's results under the seeds, in the form report.mean and report.margin read."""
+    return SimpleNamespace(runs=[done[study_key(seed, g, factor)] for seed in seeds])
+
+
 def lr_lines(done, seeds, factors, n_livs, runs):
     """Each baseline at each lr factor: its mean ppl and its paired margin to the shared lr (x1); then
     each run's choice (at the shared lr) against each baseline at the baseline's best lr."""
     def model(g, f=1.0):
-        return SimpleNamespace(runs=[done[study_key(seed, g, f)] for seed in seeds])
+        return trained(done, seeds, g, f)
     lines, best = [], {}
     for name in gn.BASELINES:
         g = gn.baseline(name, n_livs)
@@ -128,7 +133,7 @@ def table(runs, done, seeds):
     """Each run's choice: its mean over the seeds and its paired margins to each baseline (negative:
     the choice is lower); then, by kind, the mean margin over search seeds and how many are called."""
     def model(g):
-        return SimpleNamespace(runs=[done[study_key(seed, g)] for seed in seeds])
+        return trained(done, seeds, g)
     n = len(next(iter(runs.values()))[1])
     baselines = {name: model(gn.baseline(name, n)) for name in gn.BASELINES}
     lines = ["| search | seed | choice | ppl (mean) | " + " | ".join(f"vs {b} (paired)" for b in gn.BASELINES) + " |",
