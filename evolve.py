@@ -328,7 +328,8 @@ def confirm(run, pool, log):
                        **({"width": size[1]} if kind == "large" else {}))
         run.confirmed[runs.confirmed_key(compact, kind, seed)] = entry
         run.save()
-        log(f"{kind} {entry['summary'][:40]:40s} seed {seed}  {report.describe(entry, pool.world)}")
+        log(f"{kind} {entry['summary'][:40]:40s} seed {seed}  {report.describe(entry, pool.world)}  "
+            f"~{star.duration(time_left(run, pool.world))} left")
 
 
 def finalist_count(s):
