@@ -116,8 +116,7 @@ def confirmation_section(r):
         table_rows.append([c.label, c.kind, f"`{c.search['summary']}`", f"{c.search[key]:.3f}{steps_of(r, c.search)}",
                            fmt_mean(c, key)] +
                           ([f"{c.large[key]:.3f}" if c.large else "-"] if large else []) + margins)
-    order = sorted(range(len(rows)), key=lambda i: searched(rows[i].search, key))
-    places = [float(order.index(i)) for i in range(len(rows))]  # the search's order (rungs first)
+    places = search_places(rows, key)
     lines = [f"## Confirmed result: {len(rows)} models retrained for {steps} steps (search: {base}) under "
              f"seed(s) {', '.join(str(x['seed']) for x in rows[0].runs)}", "", verdict(r), "",
              *table(["model", "kind", "architecture", f"{key}, {base}", f"{key}, {steps} steps (mean ± sd)"] +
@@ -131,6 +130,12 @@ def confirmation_section(r):
         lines += ["", f"At the larger size ({size}, seed {large[0].large['seed']}) against the confirmed means: "
                   f"{correlation_line([mean(c, key) for c in large], [c.large[key] for c in large])}"]
     return lines + [""]
+
+
+def search_places(rows, key):
+    """Each confirmed row's place in the search's order (rungs first), from 0."""
+    order = sorted(range(len(rows)), key=lambda i: searched(rows[i].search, key))
+    return [float(order.index(i)) for i in range(len(rows))]
 
 
 def searched(e, key):
@@ -360,9 +365,11 @@ def draw_figures(r):
         figures["front"] = lambda p: plots.front(r.evaluations, r.baselines, r.top, r.objectives[1], s["objective"], p)
     key = r.objectives[0]
     if len(r.confirmed) > 1:
-        points = [(c.label, c.kind, c.search[key], [x[key] for x in c.runs]) for c in r.confirmed]
-        rho = spearman([x for _, _, x, _ in points], [mean(c, key) for c in r.confirmed])
-        axes = (f"{key} after {s['preset']['steps']} steps (search, seed {s['seed']})",
+        rungs = s.get("rungs", [s["preset"]["steps"]])  # a point below the top rung says its budget
+        points = [(c.label + ("" if c.search.get("rung", 0) == len(rungs) - 1 else steps_of(r, c.search)), c.kind,
+                   c.search[key], [x[key] for x in c.runs]) for c in r.confirmed]
+        rho = spearman(search_places(r.confirmed, key), [mean(c, key) for c in r.confirmed])
+        axes = (f"{key} after {rungs[-1]} steps, or the highest rung reached (search, seed {s['seed']})",
                 f"{key} after {s['confirm_steps']} steps ({s['confirm_seeds']} seed(s) from {s['seed'] + 1})")
         figures["confirmation"] = lambda p: plots.confirmation(points, rho, axes, p)
     for name, draw in figures.items():

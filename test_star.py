@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -1332,7 +1333,10 @@ def test_confirmation_resumes_after_a_kill_in_the_middle(tmp_path, monkeypatch, 
         evolve.main(search_args(tmp_path, *CONFIRMED))
     assert len(json.loads((tmp_path / "checkpoint.json").read_text())["confirmed"]) == 1
     monkeypatch.setattr(star, "train_candidate", original)
+    capsys.readouterr()
     evolve.main(["--resume", str(tmp_path)])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("confirm ")]
+    assert len(lines) == 13 and all(re.search(r"  ~\d+(\.\d+)? (s|min|h) left$", l) for l in lines), lines
 
     def confirmed(out):
         return {k: e["ppl"] for k, e in json.loads((out / "checkpoint.json").read_text())["confirmed"].items()}
@@ -1432,6 +1436,28 @@ def test_the_verdict_judges_the_search_choice_on_fresh_seeds():
     assert "#1 is level with transformer++" in text and "inside its interval" in text and "ahead of striped-mamba" in text
     one_seed = [report.Confirmed(c.label, c.kind, c.search, c.runs[:1]) for c in rows]
     assert "ahead of" not in report.verdict(dataclasses.replace(r, confirmed=one_seed))
+
+
+def test_the_confirmation_figure_orders_the_search_rung_first(tmp_path, monkeypatch):
+    """The figure's rho is the report's rank check (the search's order: the higher rung first), and
+    a point below the top rung names its budget: #2 (ppl 6.0 at 120 steps) ranks after #1 (7.0) and
+    StripedMamba (7.5), both at 1,200, as the confirmed means 9.4 < 9.5 < 9.6 do (rho 1; by raw
+    search ppl, mixing budgets, it would be -0.5)."""
+    rows = [confirmed("#1", "top", [9.4, 9.4], search=7.0), confirmed("#2", "rank check", [9.6, 9.6], search=6.0),
+            confirmed("striped-mamba", "baseline", [9.5, 9.5], search=7.5)]
+    for c, rung in zip(rows, (2, 0, 2)):
+        c.search["rung"] = rung
+    drawn = {}
+    monkeypatch.setitem(sys.modules, "plots", types.SimpleNamespace(
+        architecture=lambda *a: None, progress=lambda *a: None,
+        confirmation=lambda points, rho, axes, path: drawn.update(points=points, rho=rho, axes=axes)))
+    s = {"rungs": [120, 400, 1200], "preset": {"steps": 120}, "seed": 0, "confirm_steps": 1200, "confirm_seeds": 2}
+    r = report.Results(out=str(tmp_path), settings=s, objectives=("ppl",), evaluations=[], baselines={}, top=[],
+                       confirmed=rows, elapsed=0)
+    assert report.draw_figures(r) == ["architecture", "progress", "confirmation"]
+    assert drawn["rho"] == pytest.approx(1.0) and report.search_places(rows, "ppl") == [0.0, 2.0, 1.0]
+    assert [p[0] for p in drawn["points"]] == ["#1", "#2 (120 steps)", "striped-mamba"]
+    assert drawn["axes"][0].startswith("ppl after 1200 steps, or the highest rung reached")
 
 
 def test_the_recall_objective_chooses_by_recall():
