@@ -16,6 +16,7 @@ of log perplexity, with its 95% Student-t interval (report.margin). The searches
 times each factor, paired with their own lr (issue 28: is the shared lr a handicap?).
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -112,9 +113,7 @@ def trained(done, seeds, g, factor=1.0):
 def lr_lines(done, seeds, factors, n_livs, runs):
     """Each baseline at each lr factor: its mean ppl and its paired margin to the shared lr (x1); then
     each run's choice (at the shared lr) against each baseline at the baseline's best lr."""
-    def model(g, f=1.0):
-        return trained(done, seeds, g, f)
-    lines, best = [], {}
+    model, lines, best = functools.partial(trained, done, seeds), [], {}
     for name in gn.BASELINES:
         g = gn.baseline(name, n_livs)
         at = {f: model(g, f) for f in [1.0, *factors]}
@@ -132,8 +131,7 @@ def lr_lines(done, seeds, factors, n_livs, runs):
 def table(runs, done, seeds):
     """Each run's choice: its mean over the seeds and its paired margins to each baseline (negative:
     the choice is lower); then, by kind, the mean margin over search seeds and how many are called."""
-    def model(g):
-        return trained(done, seeds, g)
+    model = functools.partial(trained, done, seeds)
     n = len(next(iter(runs.values()))[1])
     baselines = {name: model(gn.baseline(name, n)) for name in gn.BASELINES}
     lines = ["| search | seed | choice | ppl (mean) | " + " | ".join(f"vs {b} (paired)" for b in gn.BASELINES) + " |",
