@@ -73,6 +73,14 @@ class Model(nn.Module):
         self.profiling = False  # bench.py turns on a record_function label per LIV
         self.init_weights()
 
+    @classmethod
+    def from_genome(cls, genome, vocab_size=256, width=64, heads=4, n_livs=None, how="stack", max_len=1024):
+        """A genome (best_genome.json's path, a compact string, or rows) as a plain nn.Module at your
+        vocabulary, width and heads; n_livs, a multiple of its depth, stacks or stretches it as
+        `star.py scale` does (README: "Use the pieces in your code")."""
+        g = gn.load(genome) if isinstance(genome, str) else gn.as_array(genome)
+        return cls(gn.scale(g, n_livs, how) if n_livs else g, vocab_size, width, heads, max_len)
+
     def init_weights(self):
         """Width-aware (ours; README: "Where we depart from the paper"): projections N(0, 1/fan_in),
         residual outputs also scaled by 1/sqrt(2 * depth) as in GPT-2, embedding N(0, 1), an untied
@@ -529,6 +537,7 @@ def save_checkpoint(path, model, preset, corpus):
 
 
 def load_checkpoint(path, device="cpu"):
+    """(model, preset) from a file that `star.py train --save` wrote; ValueError naming the file if not."""
     config.input_file(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)

@@ -659,6 +659,65 @@ def test_imports_run_one_way():
         assert not above, f"{name}.py imports {above}, which sit above it (or itself)"
 
 
+def run_isolated(code, cwd):
+    """python -c code in cwd, with no path of this repository (only what cwd holds is importable)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_readme_use_the_pieces_runs_as_written(tmp_path):
+    """Every block of the README's "Use the pieces in your code", in order, in a folder holding the
+    repository's files and a search's best_genome.json (an 8-LIV StripedMamba stands in for one)."""
+    section = open("README.md").read().split("## Use the pieces in your code\n")[1].split("\n## ")[0]
+    blocks = re.findall(r"```(python|bash)\n(.*?)```", section, re.S)
+    assert [lang for lang, _ in blocks] == ["python", "bash", "python", "python", "python"]
+    for name in os.listdir("."):
+        if name.endswith(".py") and not name.startswith("test_"):
+            shutil.copy(name, tmp_path)
+    (tmp_path / "data").mkdir()
+    shutil.copy(star.CORPUS, tmp_path / "data")
+    (tmp_path / "best_genome.json").write_text(gn.to_json(gn.baseline("striped-mamba", 8)))
+    for lang, code in blocks:
+        proc = run_isolated(code, tmp_path) if lang == "python" else subprocess.run(
+            ["bash", "-c", code.replace("python ", sys.executable + " ")], cwd=tmp_path, capture_output=True,
+            text=True, timeout=300)
+        assert proc.returncode == 0, f"README block failed:\n{code}\n{proc.stderr[-2000:]}"
+    assert len(gn.load(str(tmp_path / "child.json"))) == 8 and (tmp_path / "model.pt").exists()
+    g = star.Model.from_genome(str(tmp_path / "best_genome.json"), n_livs=16, how="stretch").genome
+    assert (g[::2, gn.CLASS] == gn.baseline("striped-mamba", 8)[:, gn.CLASS]).all()  # each LIV twice, in place
+
+
+def test_liv_py_works_copied_alone(tmp_path):
+    """liv.py alone (torch only): a gated recurrence's whole-sequence form against its step form."""
+    shutil.copy("liv.py", tmp_path)
+    proc = run_isolated("""
+import sys, torch, liv
+torch.manual_seed(0)
+layer = liv.LIV(liv.LIVConfig(mixer="recurrence", width=32, heads=4, state=16, feature_conv=3, chunk=8, diff=True))
+x = torch.randn(2, 20, 32)
+y, _ = layer(x)
+cache = layer.init_cache(2, 20)
+steps = torch.cat([layer.step(x[:, i:i + 1], cache)[0] for i in range(20)], 1)
+assert (steps - y).abs().max() < 1e-4, (steps - y).abs().max()
+assert not {"genome", "star", "config"} & set(sys.modules)
+print("ok")""", tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_genome_py_works_copied_alone(tmp_path):
+    """genome.py alone (numpy only, torch never imported): a genome read, repaired and written."""
+    shutil.copy("genome.py", tmp_path)
+    (tmp_path / "g.json").write_text(json.dumps([[1, 5, 2, 1, 1], [9, 1, 1, 1, 1]]))  # gene 2 points past the end
+    proc = run_isolated("""
+import sys, numpy as np, genome
+g = genome.repair(genome.from_json(genome.read_json("g.json", "genome file")))
+assert not genome.validate(g) and genome.summary(g) == "SA-1 GMemless"
+open("out.json", "w").write(genome.to_json(genome.mutate(g, np.random.default_rng(1), p=0.5)))
+assert not genome.validate(genome.load("out.json")) and "torch" not in sys.modules
+print("ok")""", tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_leader_helpers_read_the_sharing_genes():
     g = gn.repair([[1, 1, 2, 1, 2], [1, 1, 2, 1, 2], [9, 3, 1, 3, 1], [1, 1, 2, 4, 1]])  # 2, 4 follow 1's featurizer
     assert [gn.featurizer_leader(g, i) for i in range(4)] == [None, 0, None, 0]
