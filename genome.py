@@ -222,18 +222,31 @@ def validate(genome):
 # Variation operators (paper section 4.2), all followed by repair
 
 
-def random_genome(n_livs, rng):
+PRIORS = ("catalogue", "balanced")
+
+
+def draw(col, lo, hi, n, rng, prior="catalogue"):
+    """n values of one gene column. The class gene under the 'catalogue' prior (the paper's) is
+    uniform over the 21 classes, so the MLP (GMemless) fills 1 place in 21; under 'balanced' (ours)
+    a place is GMemless with probability 1/2, else a token mixer drawn uniformly, as in the hybrids."""
+    if col != CLASS or prior == "catalogue":
+        return rng.integers(lo, hi + 1, size=n)
+    mixers = [c for c in range(lo, hi + 1) if c != CLASS_INDEX["GMemless"]]
+    return np.where(rng.random(n) < 0.5, CLASS_INDEX["GMemless"], rng.choice(mixers, size=n))
+
+
+def random_genome(n_livs, rng, prior="catalogue"):
     """A random valid backbone genome of n_livs LIVs."""
-    cols = [rng.integers(lo, hi + 1, size=n_livs) for lo, hi in allowed_values(n_livs)]
+    cols = [draw(col, lo, hi, n_livs, rng, prior) for col, (lo, hi) in enumerate(allowed_values(n_livs))]
     return repair(np.stack(cols, axis=1))
 
 
-def mutate(genome, rng, p=0.1):
+def mutate(genome, rng, p=0.1, prior="catalogue"):
     """Per-gene mutation: each gene is redrawn from its allowed values with probability p."""
     g = as_array(genome).copy()
     for col, (lo, hi) in enumerate(allowed_values(len(g))):
         hit = rng.random(len(g)) < p
-        g[hit, col] = rng.integers(lo, hi + 1, size=int(hit.sum()))
+        g[hit, col] = draw(col, lo, hi, int(hit.sum()), rng, prior)
     return repair(g)
 
 

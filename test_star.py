@@ -718,6 +718,29 @@ print("ok")""", tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+def test_priors_draw_the_class_gene():
+    """The catalogue prior (the paper's) is a uniform draw per gene, as before the priors existed;
+    the balanced prior puts the MLP (GMemless) at half the places and spreads the rest."""
+    rng, n = np.random.default_rng(5), 8
+    cols = [rng.integers(lo, hi + 1, size=n) for lo, hi in gn.allowed_values(n)]
+    assert (gn.random_genome(n, np.random.default_rng(5)) == gn.repair(np.stack(cols, axis=1))).all()
+    rng = np.random.default_rng(0)
+    classes = np.concatenate([gn.random_genome(n, rng, "balanced")[:, gn.CLASS] for _ in range(500)])
+    mlp = classes == gn.CLASS_INDEX["GMemless"]
+    assert 0.46 < mlp.mean() < 0.54 and len(set(classes[~mlp])) == len(gn.CATALOGUE) - 1
+    mutants = [gn.mutate(gn.baseline("transformer++", n), rng, p=1.0, prior="balanced") for _ in range(200)]
+    assert 0.44 < np.mean([(m[:, gn.CLASS] == gn.CLASS_INDEX["GMemless"]).mean() for m in mutants]) < 0.56
+
+
+def test_curve_table_genomes_are_distinct_and_interleaved():
+    sys.path.insert(0, "data")
+    import curves
+    models = curves.genomes(8, 36, 24, 12, 9)
+    assert len({gn.to_compact(g) for _, g in models}) == 48
+    assert [s for s, _ in models[:6]] == ["hybrid"] * 3 + ["random", "balanced", "mutant"]
+    assert [s for s, _ in models].count("balanced") == 12
+
+
 def test_leader_helpers_read_the_sharing_genes():
     g = gn.repair([[1, 1, 2, 1, 2], [1, 1, 2, 1, 2], [9, 3, 1, 3, 1], [1, 1, 2, 4, 1]])  # 2, 4 follow 1's featurizer
     assert [gn.featurizer_leader(g, i) for i in range(4)] == [None, 0, None, 0]
