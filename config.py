@@ -163,9 +163,12 @@ def input_file(path, what):
     return path
 
 
-def output_file(path, what):
-    """Refuse, before any work, an output file that cannot be written: it is opened for appending."""
+def output_file(path, what, regular=False):
+    """Refuse, before any work, an output file that cannot be written: it is opened for appending.
+    regular: a device or pipe is refused too (a checkpoint or a results file is read back later)."""
     existed = os.path.exists(path)
+    if regular and existed and not os.path.isfile(path):
+        raise ValueError(f"cannot write {what} {path}: not a regular file")
     with writing(path, what):
         with open(path, "ab"):
             pass

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 import uuid
 
@@ -158,6 +159,9 @@ def check_settings(s):
         raise ValueError(f"settings: objective {s['objective']} needs the probes, but probes is off")
     if s["preset_name"] not in config.PRESETS:
         raise ValueError(f"settings.preset_name: unknown preset {s['preset_name']!r}")
+    missing = [f.name for f in dataclasses.fields(config.Preset) if f.name not in s["preset"]]
+    if missing:
+        raise ValueError(f"settings.preset lacks {', '.join(missing)}")
     try:
         config.check_preset(config.Preset(**s["preset"]))
     except TypeError as e:
@@ -171,7 +175,11 @@ def check_settings(s):
             raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
     if s["init"] == "hybrids" and s["preset"]["n_livs"] % 2:
         raise ValueError(f"--init hybrids: the baselines need an even --n-livs, not {s['preset']['n_livs']}")
+    if s["init"] == "hybrids" and s["population"] < len(config.SEARCH_BASELINES):
+        raise ValueError(f"--init hybrids: --population {s['population']} cannot hold the "
+                         f"{len(config.SEARCH_BASELINES)} hybrids")
     check_rungs(s["rungs"], s["preset"]["steps"])
+    check_ladder(s)
     if large_size(s):
         n, n_livs = s["preset"]["n_livs"], large_size(s)[0]
         if n_livs % n:
@@ -191,6 +199,32 @@ def check_rungs(rungs, steps):
     if rungs[0] != steps or any(a >= b for a, b in zip(rungs, rungs[1:])):
         raise ValueError(f"--rungs {','.join(map(str, rungs))}: the budgets must rise, from the search's "
                          f"--steps {steps}")
+
+
+def check_ladder(s):
+    """Rungs that can do what they say: some model reaches the target (ASHA keeps the top 1/eta of
+    at most population x generations candidates per rung), and a state is kept at every rung below
+    it (the warm-up ends before the first rung does)."""
+    rungs, n, warmup = s["rungs"], s["population"] * s["generations"], s["preset"]["warmup"]
+    if len(rungs) > 1 and n // s["eta"] ** (len(rungs) - 1) < 1:
+        raise ValueError(f"--rungs {','.join(map(str, rungs))} --eta {s['eta']}: of at most {n} candidates "
+                         f"(--population x --generations) none would reach {rungs[-1]} steps (the top 1/{s['eta']} "
+                         f"continue at each rung); use fewer rungs, a lower --eta or more candidates")
+    if warmup >= rungs[0] and (len(rungs) > 1 or warmup > rungs[0]):
+        raise ValueError(f"--warmup {warmup} is not shorter than the first rung's {rungs[0]} steps"
+                         + (": no state could be kept to continue from" if len(rungs) > 1 else ""))
+
+
+def setting_warnings(args, s):
+    """Flags a run can go on with, though they do nothing or less than they say: one line each."""
+    n = s["population"] * s["generations"]
+    return [line for wanted, line in (
+        (args.eta is not None and len(s["rungs"]) == 1, f"--eta {args.eta} does nothing with one rung"),
+        (args.confirm_seeds is not None and not s["confirm_steps"],
+         f"--confirm-seeds {args.confirm_seeds} does nothing with --confirm-steps 0 (no confirmation)"),
+        (args.rank_check is not None and args.rank_check + s["confirm_top"] > n,
+         f"--rank-check {args.rank_check}: the search trains at most {n} candidates; the rank check takes what "
+         "there is")) if wanted]
 
 
 def check_compact(compact, depths, where):
@@ -421,11 +455,14 @@ def open_run(args, world, log, shared=None):
         run = Run.load(args.resume)
         check_resume_conflicts(args, run.settings)
         log(f"resuming {args.resume} at generation {run.generation} ({len(run.evaluations)} candidates already trained)")
-        return run
-    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    if os.path.exists(os.path.join(out, "checkpoint.json")):
-        raise ValueError(f"{out} already holds a run: use --resume {out} or another --out")
-    return Run(out, settings_from_args(args, log))
+    else:
+        out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        if os.path.exists(os.path.join(out, "checkpoint.json")):
+            raise ValueError(f"{out} already holds a run: use --resume {out} or another --out")
+        run = Run(out, settings_from_args(args, log))
+    for line in setting_warnings(args, run.settings):
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    return run
 
 
 def start(args, log):

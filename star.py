@@ -12,6 +12,7 @@ wrapper around the evolved backbone: embedding, x = x + LIV(RMSNorm(x)) per LIV,
 LM head (untied: see init_weights).
 """
 import contextlib
+import copy
 import dataclasses
 import gzip
 import json
@@ -446,19 +447,35 @@ def start_training(genome, source, preset, device, resume, result):
         model.compile_blocks()
     optimizer = make_optimizer(model, preset, device)
     first = 0
-    if resume is not None and resume["step"] <= decay_start(preset):
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        first = resume["step"]
+    if resume is not None:
+        try:
+            first = continue_from(model, optimizer, resume, preset)
+        except Exception as e:  # noqa: BLE001 -- another model's state, another shape, a damaged one
+            print(f"warning: a kept state of {gn.summary(genome)} does not load ({type(e).__name__}: "
+                  f"{str(e).strip()[:120]}); it trains from scratch", file=sys.stderr, flush=True)
+            return start_training(genome, source, preset, device, None, result)  # a fresh model: the same result
     result["steps_trained"] = preset.steps - first
     return model, optimizer, first
 
 
+def continue_from(model, optimizer, resume, preset):
+    """Load a kept state of this very model (its key), at or before this budget's decay; the first step."""
+    if resume["key"] != gn.to_compact(gn.canonical(model.genome)):
+        raise ValueError("kept for another model")
+    if not isinstance(resume["step"], int) or not 0 <= resume["step"] <= decay_start(preset):
+        raise ValueError(f"kept at step {resume['step']!r}, not before the decay at {decay_start(preset)}")
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(copy.deepcopy(resume["optimizer"]))  # (tensors already in place would be shared)
+    return resume["step"]
+
+
 def kept_state(model, optimizer, step):
-    """What a continued training needs, copied to the CPU: the weights, AdamW's moments, the step."""
+    """What a continued training needs, copied to the CPU: the weights, AdamW's moments, the step,
+    and which model it is (a state never continues another)."""
     to_cpu = lambda tree: {k: to_cpu(v) if isinstance(v, dict) else v.to("cpu", copy=True)  # noqa: E731
                            if torch.is_tensor(v) else v for k, v in tree.items()}
-    return {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(optimizer.state_dict()), "step": step}
+    return {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(optimizer.state_dict()), "step": step,
+            "key": gn.to_compact(gn.canonical(model.genome))}
 
 
 def checked_scores(scores):
@@ -532,8 +549,8 @@ def duration(seconds):
 
 
 def save_checkpoint(path, model, preset, corpus):
-    torch.save({"genome": model.genome.tolist(), "preset": dataclasses.asdict(preset),
-                "vocab_size": corpus.vocab_size, "state_dict": model.state_dict()}, path)
+    config.write_file(path, lambda f: torch.save({"genome": model.genome.tolist(), "preset": dataclasses.asdict(
+        preset), "vocab_size": corpus.vocab_size, "state_dict": model.state_dict()}, f), "checkpoint")
 
 
 def load_checkpoint(path, device="cpu"):
@@ -564,7 +581,7 @@ def train_command(args):
     preset, g = checked_genome(args)
     device = config.resolve_device(args.device)
     if args.save:
-        config.output_file(args.save, "checkpoint")
+        config.output_file(args.save, "checkpoint", regular=True)
     corpus = Corpus(args.data, args.vocab_size).check(preset)
     print(f"training {gn.summary(g)} ({len(g)} LIVs) on {device}, preset {config.preset_name(args.preset)}\n"
           f"{config.budget_note(preset, len(corpus.train))}", flush=True)

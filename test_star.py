@@ -1069,6 +1069,11 @@ BAD_INPUTS += [  # the surfaces added later (issue 20): probe, scale, show --plo
     ("prepare.py", ["--files", "{file}", "--max-tokens", ""] + OUT), ("prepare.py", ["--files", "{same}", "--out", "{same}"]),
     ("prepare.py", ["--files", ""] + OUT), ("prepare.py", ["--dataset", ""] + OUT),
     ("prepare.py", ["--files", "{file}", "--bogus"] + OUT),
+    # settings that cannot do what they say (tiny: 8 x 4 candidates, rungs 120,400,1200, eta 3)
+    ("evolve.py", ["--rungs", "120,400,1200,2400,4800"]), ("evolve.py", ["--eta", "40"]),
+    ("evolve.py", ["--warmup", "120"]), ("evolve.py", ["--steps", "50", "--warmup", "60"]),
+    ("evolve.py", ["--init", "hybrids", "--population", "2"]),
+    ("star.py", ["train", "--baseline", "transformer++", "--save", "/dev/full"]),
 ]
 
 
@@ -1089,6 +1094,14 @@ def test_bad_input_is_one_line_and_exit_1(command, args, bad, capsys):
     assert stop.value.code == 1, err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert sorted(os.listdir(bad["d"])) == before  # nothing left behind (no partial or empty output)
+
+
+def test_settings_that_do_less_than_they_say_are_one_warning_line_each(tmp_path, capsys):
+    evolve.main(search_args(tmp_path / "r", "--eta", "3", "--generations", "1", "--confirm-steps", "0",
+                            "--confirm-seeds", "2", "--rank-check", "9"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3 and all(flag in " ".join(warnings) for flag in ("--eta", "--confirm-seeds", "--rank-check"))
+    assert (tmp_path / "r" / "report.md").exists()  # the run went on
 
 
 def test_bad_input_in_a_real_process(bad):
@@ -1116,6 +1129,7 @@ CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
     (lambda s: s.update(version=8), "version"),
     (lambda s: s["settings"].update(init="hybrid"), "settings.init"),
     (lambda s: s["settings"]["preset"].update(width=-4), "--width"),
+    (lambda s: s["settings"]["preset"].pop("decay"), "settings.preset lacks decay"),
     (lambda s: s["settings"]["preset"].update(heads=True), "--heads"),
     (lambda s: s["settings"]["preset"].update(colour=1), "settings.preset"),
     (lambda s: s["settings"].update(objective="speed"), "objective"),
@@ -1693,6 +1707,45 @@ def test_a_continued_training_equals_one_uninterrupted_training(corpus):
     assert star.train_candidate(g, corpus, dataclasses.replace(TINY, steps=12), "cpu")["ppl"] == short["ppl"]
 
 
+def test_a_kept_state_that_does_not_load_is_a_warning_and_a_training_from_scratch(corpus, tmp_path, capsys):
+    """Each kind of damage (missing, unreadable, not a state, another model's, another shape, kept
+    after the decay) is one warning line, and the training ends as one from scratch does."""
+    g, other, kept = gn.baseline("striped-mamba", 4), gn.baseline("transformer++", 4), []
+    longer = dataclasses.replace(TINY, steps=24)
+    star.train_candidate(g, corpus, dataclasses.replace(TINY, steps=12), "cpu", keep=kept.append)
+    star.train_candidate(other, corpus, dataclasses.replace(TINY, steps=12), "cpu", keep=kept.append)
+    straight = star.train_candidate(g, corpus, longer, "cpu")["ppl"]
+    mine, theirs = kept
+    bad = {"another model's": theirs, "another model's, its key swapped": {**theirs, "key": mine["key"]},
+           "another shape": {**mine, "model": {"embed.weight": torch.zeros(3, 3)}},
+           "kept after the decay": {**mine, "step": 23}, "a list": [1, 2]}
+    for kind, state in bad.items():
+        capsys.readouterr()
+        result = star.train_candidate(g, corpus, longer, "cpu", resume=state)
+        err = capsys.readouterr().err
+        assert result["status"] == "ok" and result["ppl"] == straight and result["steps_trained"] == 24, kind
+        assert err.count("warning:") == 1 and "trains from scratch" in err, (kind, err)
+    files = {"missing": None, "unreadable": b"not a torch file", "not a state": None}
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "not a state")
+    (tmp_path / "unreadable").write_bytes(files["unreadable"])
+    for name in files:
+        assert workers.read_state(str(tmp_path / name)) is None
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "trains from scratch" in err, (name, err)
+
+
+def test_a_retried_continuation_starts_from_the_untouched_kept_state(corpus):
+    """The kept state is the same after a continuation (AdamW updated a copy): a retry, or another
+    promotion, starts where the first did (issue 36, c)."""
+    g, kept = gn.baseline("striped-mamba", 4), []
+    star.train_candidate(g, corpus, dataclasses.replace(TINY, steps=12), "cpu", keep=kept.append)
+    before = {k: v.clone() for k, v in kept[0]["optimizer"]["state"][0].items()}
+    longer = dataclasses.replace(TINY, steps=24)
+    first = star.train_candidate(g, corpus, longer, "cpu", resume=kept[0])
+    assert all(torch.equal(before[k], v) for k, v in kept[0]["optimizer"]["state"][0].items())
+    assert star.train_candidate(g, corpus, longer, "cpu", resume=kept[0])["ppl"] == first["ppl"]
+
+
 def test_promotion_reaches_across_generations_and_never_repeats():
     """ASHA on constructed results (eta 2): the top half of everything at rung 0, of both
     generations, continues to rung 1, except a model already there."""
@@ -1716,11 +1769,12 @@ def test_kept_states_stay_for_the_models_that_may_continue(tmp_path, capsys):
     run = fake_run({a: 5.0, b: 2.0, c: 6.0, d: 4.0}, [a, b], [])
     run.out, run.settings["eta"] = str(tmp_path), 4
     run.evaluations.append({**run.evaluations[1], "ppl": 1.5, "rung": 1})
+    state = {"model": {}, "optimizer": {}, "step": 48, "key": d}
     for x in (a, b, c, d):
-        workers.Evaluator.keep(workers.state_path(run.out, x, 60), {"step": 48})
+        workers.Evaluator.keep(workers.state_path(run.out, x, 60), state)
     evolve.prune_states(run)
     assert [x for x in (a, b, c, d) if os.path.exists(workers.state_path(run.out, x, 60))] == [d]
-    assert workers.read_state(workers.state_path(run.out, d, 60)) == {"step": 48}
+    assert workers.read_state(workers.state_path(run.out, d, 60)) == state
     assert workers.read_state(workers.state_path(run.out, a, 60)) is None  # gone: a training from scratch
     (tmp_path / "a_file").write_text("")
     workers.Evaluator.keep(str(tmp_path / "a_file" / "y.pt"), {"step": 1})  # cannot be written: a warning

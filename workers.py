@@ -94,11 +94,19 @@ def state_path(out, compact, steps):
 
 
 def read_state(path):
-    """A kept state, or None (none kept, or a damaged file: the training starts from scratch)."""
+    """A kept state, or None with a warning line (none kept, or a damaged file: the training starts
+    from scratch, to the same result; star.start_training refuses one of another model)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001
-        return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and {"model", "optimizer", "step", "key"} <= set(state):
+            return state
+        problem = "not a kept state"
+    except FileNotFoundError:
+        problem = "none was kept"
+    except Exception as e:  # noqa: BLE001
+        problem = f"unreadable ({type(e).__name__})"
+    print(f"warning: kept state {path}: {problem}; the model trains from scratch", file=sys.stderr, flush=True)
+    return None
 
 
 def stage(rung):
