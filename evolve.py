@@ -314,10 +314,7 @@ def confirm(run, pool, log):
     s, size = run.settings, runs.large_size(run.settings)
     if not s["confirm_steps"]:
         return
-    tasks = [(e["compact"], "confirm", seed) for _, e in finalists(run) for seed in confirmation_seeds(s)]
-    if size:
-        tasks += [(scaled(run, e["compact"]), "large", s["seed"] + 1) for _, e in finalists(run)]
-    tasks = [t for t in tasks if not confirmed_result(run, *t)]
+    tasks = [t for t in confirmation_tasks(run) if not confirmed_result(run, *t)]
     if not tasks:
         return
     log(f"confirmation: {len(tasks)} trainings of {s['confirm_steps']} steps "
@@ -330,6 +327,14 @@ def confirm(run, pool, log):
         run.save()
         log(f"{kind} {entry['summary'][:40]:40s} seed {seed}  {report.describe(entry, pool.world)}  "
             f"~{star.duration(time_left(run, pool.world))} left")
+
+
+def confirmation_tasks(run):
+    """(compact, stage, seed) of every training the confirmation holds: each finalist under each seed,
+    and once at the larger size if asked."""
+    s, size = run.settings, runs.large_size(run.settings)
+    tasks = [(e["compact"], "confirm", seed) for _, e in finalists(run) for seed in confirmation_seeds(s)]
+    return tasks + ([(scaled(run, e["compact"]), "large", s["seed"] + 1) for _, e in finalists(run)] if size else [])
 
 
 def finalist_count(s):
@@ -520,12 +525,26 @@ def main(argv=None):
 
 
 def compare(dirs):
-    """Print finished runs side by side (report.compare_section): their checkpoints are checked as a resume's are."""
+    """Print finished runs side by side (report.compare_section): their checkpoints are checked as a
+    resume's are, and only runs that pair are set beside each other (one corpus, preset but the seed,
+    objective and confirmation budget; each confirmation complete; no run twice)."""
     try:
-        finished = [for_report(runs.Run.load(d)) for d in dirs]
-        if len({(r.objectives, r.settings["confirm_steps"], r.settings["preset_name"]) for r in finished}) > 1:
-            raise ValueError("--compare: the runs differ in objective, preset or confirmation budget")
-        print("\n".join(report.compare_section(finished)))
+        loaded = [runs.Run.load(d) for d in dirs]
+        for d, run in zip(dirs, loaded):
+            if not run.settings["confirm_steps"]:
+                raise ValueError(f"--compare: {d} has no confirmation (--confirm-steps 0): nothing to set side by side")
+            missing = [t for t in confirmation_tasks(run) if not confirmed_result(run, *t)]
+            if missing:
+                raise ValueError(f"--compare: {d} has not finished its confirmation ({len(missing)} trainings left: "
+                                 f"python evolve.py --resume {d})")
+        if len({r.settings["run_id"] for r in loaded}) < len(loaded):
+            raise ValueError("--compare: the same run is named twice")
+        pairs = {json.dumps([{**r.settings["preset"], "seed": 0}, r.settings["data"], r.settings["vocab_size"],
+                             r.settings["objective"], r.settings["confirm_steps"]]) for r in loaded}
+        if len(pairs) > 1:
+            raise ValueError("--compare: the runs differ in corpus, preset (width, depth, schedule...), objective "
+                             "or confirmation budget: their margins do not pair")
+        print("\n".join(report.compare_section([for_report(r) for r in loaded])))
     except ValueError as e:
         config.fail(e)
 

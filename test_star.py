@@ -1574,19 +1574,39 @@ def test_random_search_draws_no_child_by_crossover_or_mutation(tmp_path, monkeyp
         raise AssertionError("a random search used a variation operator")
     monkeypatch.setattr(gn, "crossover", refused)
     monkeypatch.setattr(gn, "mutate", refused)
-    evolve.main(search_args(tmp_path, *CONFIRMED[:-2], "--n-livs", "2", "--random-search", "--confirm-n-livs", "4", *RUNGS))
+    evolve.main(search_args(tmp_path, *CONFIRMED, "--random-search", "--confirm-n-livs", "8", *RUNGS))
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     rng = np.random.default_rng(0)
-    drawn = [gn.to_compact(gn.random_genome(2, rng)) for _ in range(8)]  # 2 generations of 4
+    drawn = [gn.to_compact(gn.random_genome(4, rng)) for _ in range(8)]  # 2 generations of 4
     assert [e["compact"] for e in state["evaluations"] if e["rung"] == 0] == [
         c for i, c in enumerate(drawn) if runs.model_key(c) not in map(runs.model_key, drawn[:i])]
     assert any(e["rung"] == 1 and e["steps_trained"] < 6 for e in state["evaluations"])  # promoted and continued
     large = [e for e in state["confirmed"].values() if e["stage"] == "large"]
-    assert len(large) == 7 and {len(e["genome"]) for e in large} == {4}
+    assert len(large) == 7 and {len(e["genome"]) for e in large} == {8}
     text = (tmp_path / "report.md").read_text()
-    assert "random-search control" in text and "ppl, 4 LIVs x 16" in text
+    assert "random-search control" in text and "ppl, 8 LIVs x 16" in text
     out = run_cli("evolve.py", "--compare", str(confirmed_run), str(tmp_path)).stdout
     assert "| evolution | 0 |" in out and "| random | 0 |" in out and "Evolution against random search" in out
+
+
+COMPARE_REFUSALS = [  # (a copy of the confirmed run, changed so; what the one line says)
+    (lambda s: None, "named twice"),
+    (lambda s: s.update(confirmed=dict(list(s["confirmed"].items())[:1])), "not finished its confirmation"),
+    (lambda s: s["settings"].update(data="other.txt", run_id="b"), "differ in corpus"),
+    (lambda s: s["settings"]["preset"].update(width=32) or s["settings"].update(run_id="b"), "differ in corpus, preset"),
+    (lambda s: s["settings"].update(objective="quality-size", run_id="b"), "objective"),
+    (lambda s: s["settings"].update(confirm_steps=0, run_id="b"), "has no confirmation"),
+]
+
+
+@pytest.mark.parametrize("change,says", COMPARE_REFUSALS, ids=[n for _, n in COMPARE_REFUSALS])
+def test_compare_refuses_runs_it_cannot_pair_in_one_line(change, says, confirmed_run, tmp_path, capsys):
+    shutil.copytree(confirmed_run, tmp_path / "other")
+    edit_json(tmp_path / "other" / "checkpoint.json", change)
+    with pytest.raises(SystemExit) as stop:
+        evolve.main(["--compare", str(confirmed_run), str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1 and says in err, err
 
 
 def test_confirmation_can_be_skipped(tmp_path):
@@ -2081,7 +2101,7 @@ def test_the_study_retrains_each_choice_under_fresh_seeds_and_pairs_its_margins(
     assert len(done) == 2 * (len(gn.BASELINES) + 1) and {e["seed"] for e in done.values()} == {7, 8}
     best = gn.to_compact(gn.load(str(confirmed_run / "best_genome.json")))
     sm = gn.to_compact(gn.baseline("striped-mamba", 4))
-    d = [math.log(done[f"{s}/{best}"]["ppl"]) - math.log(done[f"{s}/{sm}"]["ppl"]) for s in (7, 8)]
+    d = [math.log(done[f"4 steps/{s}/{best}"]["ppl"]) - math.log(done[f"4 steps/{s}/{sm}"]["ppl"]) for s in (7, 8)]
     half = 12.706 * np.std(d, ddof=1) / math.sqrt(2)  # t(0.975, 1 dof)
     expected = report.fmt_margin(np.mean(d), np.mean(d) - half, np.mean(d) + half, "ppl")
     assert expected in capsys.readouterr().out
@@ -2095,6 +2115,7 @@ def test_the_study_retrains_each_choice_under_fresh_seeds_and_pairs_its_margins(
                               "steps": 4, "seed": 8})
     alone = star.train_candidate(gn.baseline("striped-mamba", 4), star.Corpus(None, None),
                                  dataclasses.replace(preset, lr=2 * preset.lr), "cpu")
+    done = {k.removeprefix("4 steps/"): e for k, e in done.items()}
     assert alone["ppl"] == done[f"8/lr x2/{sm}"]["ppl"] != done[f"8/{sm}"]["ppl"]
     d = [math.log(done[f"{s}/lr x2/{sm}"]["ppl"]) - math.log(done[f"{s}/{sm}"]["ppl"]) for s in (7, 8)]
     half = 12.706 * np.std(d, ddof=1) / math.sqrt(2)
@@ -2110,10 +2131,57 @@ def test_the_study_retrains_each_choice_under_fresh_seeds_and_pairs_its_margins(
     running = tmp_path / "running"
     shutil.copytree(confirmed_run, running)
     state = json.loads((running / "checkpoint.json").read_text())
-    (running / "checkpoint.json").write_text(json.dumps({**state, "generation": state["generation"] - 1}))
+    state["settings"]["generations"] += 1
+    (running / "checkpoint.json").write_text(json.dumps(state))
     with pytest.raises(SystemExit) as stop:
         study.main([str(running), "--steps", "4", "--out", str(tmp_path / "other.json")])
     assert stop.value.code == 1 and "not a finished search" in capsys.readouterr().err
+
+
+STUDY_DAMAGE = [  # (what is done to the run or --out, what the one line names)
+    (lambda run, out: (run / "checkpoint.json").write_text("[]"), "checkpoint"),
+    (lambda run, out: edit_json(run / "checkpoint.json", lambda s: s.pop("pending")), "pending"),
+    (lambda run, out: edit_json(run / "checkpoint.json", lambda s: s["settings"]["preset"].update(decay="x")), "decay"),
+    (lambda run, out: out.write_text("[]"), "not a study's results"),
+    (lambda run, out: out.write_text('{"4 steps/7/x": {"status": "ok", "seed": 7, "ppl": 0.5}}'), "ppl 0.5"),
+]
+
+
+def edit_json(path, change):
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("damage,name", STUDY_DAMAGE, ids=[n for _, n in STUDY_DAMAGE])
+def test_the_study_refuses_a_damaged_run_or_results_in_one_line(damage, name, confirmed_run, tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "study.json"
+    shutil.copytree(confirmed_run, run)
+    damage(run, out)
+    with pytest.raises(SystemExit) as stop:
+        study.main([str(run), "--steps", "2", "--seeds", "7,8", "--threads", "1", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert stop.value.code == 1 and captured.err.count("\n") == 1 and name in captured.err, captured.err
+    assert "[1/" not in captured.out  # refused before any training
+
+
+def test_the_study_checks_its_out_file_first_and_keys_results_by_budget(confirmed_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(confirmed_run, run)
+    for out in (tmp_path / "missing" / "study.json", "/dev/full", run / "checkpoint.json"):
+        with pytest.raises(SystemExit) as stop:
+            study.main([str(run), "--steps", "2", "--seeds", "7,8", "--threads", "1", "--out", str(out)])
+        captured = capsys.readouterr()
+        assert stop.value.code == 1 and captured.err.count("\n") == 1 and "[1/" not in captured.out, captured.err
+    as_version_2(run / "checkpoint.json")  # an older finished run, which evolve.py resumes, is read too
+    out, trained = tmp_path / "study.json", lambda text: sum(line.startswith("[") for line in text.splitlines())
+    study.main([str(run), "--steps", "2", "--seeds", "7,8", "--threads", "1", "--out", str(out)])
+    assert trained(capsys.readouterr().out) == 2 * (len(gn.BASELINES) + 1)
+    study.main([str(run), "--steps", "3", "--seeds", "7,8", "--threads", "1", "--out", str(out)])
+    assert trained(capsys.readouterr().out) == 2 * (len(gn.BASELINES) + 1)  # nothing reused across budgets
+    done = json.loads(out.read_text())
+    assert {k.split("/")[0] for k in done} == {"2 steps", "3 steps"}
+    assert all(e["steps_trained"] == int(k.split(" ")[0]) for k, e in done.items())
 
 
 def test_the_study_says_how_well_each_rung_predicts_the_target():
@@ -2127,7 +2195,8 @@ def test_the_study_says_how_well_each_rung_predicts_the_target():
                    e("a", 2, 4.0, 20), e("b", 2, 3.0, 20), e("c", 2, 2.0, 20)]
     baselines = {"sm": e("sm", 0, 8.5, 10), "sm@20": e("sm", 1, 4.0, 10), "sm@40": e("sm", 2, 4.5, 20)}
     settings = {"rungs": [10, 20, 40], "preset": {"batch_size": 2, "seq_len": 5}}
-    line = study.search_lines("run", {"settings": settings, "evaluations": evaluations, "baselines": baselines})[0]
+    line = study.search_lines("run", types.SimpleNamespace(settings=settings, evaluations=evaluations,
+                                                           baselines=baselines))[0]
     assert line.startswith("run: 150 candidate-steps, 1.5k tokens; over the 4 models at 40 steps")
     assert "10 steps against 40: n = 4, Spearman's rho 0.80" in line and "20 steps against 40: n = 4, Spearman's rho -1.00" in line
 

@@ -28,29 +28,54 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import config  # noqa: E402
 import genome as gn  # noqa: E402
 import report  # noqa: E402
+import runs as run_files  # noqa: E402
 import star  # noqa: E402
 
 
 def read_run(path):
-    state = gn.read_json(os.path.join(path, "checkpoint.json"), "checkpoint")
-    if state["pending"] or state["generation"] + 1 < state["settings"]["generations"]:  # its choice may still change
-        raise ValueError(f"{path}: not a finished search (generation {state['generation'] + 1} of "
-                         f"{state['settings']['generations']})")
-    best = gn.from_json(gn.read_json(os.path.join(path, "best_genome.json"), "best genome"))
-    return state, best
+    """A finished search, read and checked as `evolve.py --resume` reads it (older versions upgraded),
+    and its choice."""
+    run = run_files.Run.load(path)
+    if run.pending or run.generation + 1 < run.settings["generations"]:  # its choice may still change
+        raise ValueError(f"{path}: not a finished search (generation {run.generation + 1} of "
+                         f"{run.settings['generations']})")
+    return run, gn.load(os.path.join(path, "best_genome.json"))
 
 
-def search_lines(path, state):
+def read_results(path, runs_read):
+    """The results of an earlier study at --out (none if it does not exist), each entry checked:
+    never a run's checkpoint, a device, or anything but {key: training result}."""
+    config.output_file(path, "study results", regular=True)
+    if os.path.exists(path) and any(os.path.exists(p) and os.path.samefile(path, p) for p in
+           (os.path.join(r, "checkpoint.json") for r in runs_read)):
+        raise ValueError(f"--out {path} is a search's checkpoint, not a study's results")
+    done = gn.read_json(path, "study results") if os.path.exists(path) else {}
+    if not isinstance(done, dict) or {"version", "settings"} <= set(done):
+        raise ValueError(f"study results {path}: not a study's results (a JSON object of training results)")
+    for key, e in list(done.items()):
+        where = f"study results {path}, {key[:60]}"
+        if key.split("/")[0].isdigit():  # before budgets were in the key (issue 38): its budget is its steps
+            done.pop(key)
+            if isinstance(e, dict) and isinstance(e.get("steps_trained"), int):
+                done[f"{e['steps_trained']} steps/{key}"] = e
+        if not isinstance(e, dict) or e.get("status") not in ("ok", "failed") or not isinstance(e.get("seed"), int):
+            raise ValueError(f"{where}: not a training result (status ok or failed, a seed)")
+        if e["status"] == "ok" and not (isinstance(e.get("ppl"), (int, float)) and 1 <= e["ppl"] < math.inf):
+            raise ValueError(f"{where}: ppl {e.get('ppl')!r} for a model that trained")
+    return done
+
+
+def search_lines(path, run):
     """One search: its compute, and how well each rung's order (under the search's seed) predicts the
     order at the target, over the models (baselines included) that reached the target."""
-    rungs, at = state["settings"]["rungs"], {}  # (model, rung) -> ppl
-    for e in state["evaluations"]:
+    rungs, at = run.settings["rungs"], {}  # (model, rung) -> ppl
+    for e in run.evaluations:
         at[e["key"], e["rung"]] = e["ppl"] if e["status"] == "ok" else None
-    for name, e in state["baselines"].items():
+    for name, e in run.baselines.items():
         base, _, steps = name.partition("@")
         at[base, rungs.index(int(steps)) if steps else 0] = e["ppl"] if e["status"] == "ok" else None
     top = [m for m, r in at if r == len(rungs) - 1 and all(at.get((m, i)) for i in range(len(rungs)))]
-    run = SimpleNamespace(trainings=state["evaluations"], settings=state["settings"])
+    run = SimpleNamespace(trainings=run.evaluations, settings=run.settings)
     if len(rungs) < 2:
         return [f"{path}: {report.compute(run)}"]
     return [f"{path}: {report.compute(run)}; over the {len(top)} models at {rungs[-1]} steps, " + "; ".join(
@@ -75,10 +100,13 @@ def main(argv=None):
         seeds = [config.check_number("seed", int(x)) for x in args.seeds.split(",")]
         factors = [config.check_number("lr", float(x)) for x in args.lr_factors.split(",")] if args.lr_factors else []
         runs = {path: read_run(path) for path in args.runs}
-        base = config.Preset(**{"decay": 1.0, **next(iter(runs.values()))[0]["settings"]["preset"]})  # before version 6: cosine
+        presets = {json.dumps({**r.settings["preset"], "seed": 0}, sort_keys=True) for r, _ in runs.values()}
+        if len(presets) > 1:
+            raise ValueError("the runs differ in their preset (width, depth, schedule...): study them apart")
+        base = config.Preset(**next(iter(runs.values()))[0].settings["preset"])
         preset = dataclasses.replace(base, steps=args.steps)
         corpus = star.Corpus(args.data, args.vocab_size).check(preset)
-        done = gn.read_json(args.out, "study results") if os.path.exists(args.out) else {}
+        done = read_results(args.out, args.runs)
     except ValueError as e:
         config.fail(str(e))
     import torch
@@ -88,32 +116,36 @@ def main(argv=None):
     jobs = [(seed, name, g, 1.0) for seed in seeds for name, g in models.items()]
     jobs += [(seed, name, models[name], f) for seed in seeds for f in factors for name in gn.BASELINES]
     for i, (seed, name, g, factor) in enumerate(jobs):
-        key = study_key(seed, g, factor)
+        key = study_key(args.steps, seed, g, factor)
         if key not in done:
             print(f"[{i + 1}/{len(jobs)}, seed {seed}, lr x{factor:g}] {gn.summary(g)[:60]}", flush=True)
             result = star.train_candidate(g, corpus, dataclasses.replace(preset, seed=seed, lr=preset.lr * factor), "cpu")
             done[key] = {**result, "seed": seed}
-            config.write_file(args.out, json.dumps(done, indent=1))
+            try:
+                config.write_file(args.out, json.dumps(done, indent=1), "study results")
+            except ValueError as e:
+                config.fail(f"{e}; the results before this training are kept")
         print(f"  {name[:40]}: ppl {done[key]['ppl']}", flush=True)
-    print(table(runs, done, seeds))
-    print("\n".join(line for path, (state, _) in runs.items() for line in search_lines(path, state)))
+    print(table(runs, done, seeds, args.steps))
+    print("\n".join(line for path, (run, _) in runs.items() for line in search_lines(path, run)))
     if factors:
-        print("\n".join(lr_lines(done, seeds, factors, base.n_livs, runs)))
+        print("\n".join(lr_lines(done, seeds, factors, base.n_livs, runs, args.steps)))
 
 
-def study_key(seed, g, factor=1.0):
-    return f"{seed}/{gn.to_compact(g)}" if factor == 1.0 else f"{seed}/lr x{factor:g}/{gn.to_compact(g)}"
+def study_key(steps, seed, g, factor=1.0):
+    lr = "" if factor == 1.0 else f"lr x{factor:g}/"
+    return f"{steps} steps/{seed}/{lr}{gn.to_compact(g)}"
 
 
-def trained(done, seeds, g, factor=1.0):
+def trained(done, steps, seeds, g, factor=1.0):
     """One model's results under the seeds, in the form report.mean and report.margin read."""
-    return SimpleNamespace(runs=[done[study_key(seed, g, factor)] for seed in seeds])
+    return SimpleNamespace(runs=[done[study_key(steps, seed, g, factor)] for seed in seeds])
 
 
-def lr_lines(done, seeds, factors, n_livs, runs):
+def lr_lines(done, seeds, factors, n_livs, runs, steps):
     """Each baseline at each lr factor: its mean ppl and its paired margin to the shared lr (x1); then
     each run's choice (at the shared lr) against each baseline at the baseline's best lr."""
-    model, lines, best = functools.partial(trained, done, seeds), [], {}
+    model, lines, best = functools.partial(trained, done, steps, seeds), [], {}
     for name in gn.BASELINES:
         g = gn.baseline(name, n_livs)
         at = {f: model(g, f) for f in [1.0, *factors]}
@@ -128,18 +160,18 @@ def lr_lines(done, seeds, factors, n_livs, runs):
     return lines
 
 
-def table(runs, done, seeds):
+def table(runs, done, seeds, steps):
     """Each run's choice: its mean over the seeds and its paired margins to each baseline (negative:
     the choice is lower); then, by kind, the mean margin over search seeds and how many are called."""
-    model = functools.partial(trained, done, seeds)
+    model = functools.partial(trained, done, steps, seeds)
     n = len(next(iter(runs.values()))[1])
     baselines = {name: model(gn.baseline(name, n)) for name in gn.BASELINES}
     lines = ["| search | seed | choice | ppl (mean) | " + " | ".join(f"vs {b} (paired)" for b in gn.BASELINES) + " |",
              "|---" * (4 + len(gn.BASELINES)) + "|"]
     margins, choices = {}, {}
-    for _, (state, g) in sorted(runs.items(), key=lambda r: (report.search_kind(r[1][0]["settings"]),
-                                                              r[1][0]["settings"]["seed"])):
-        s = state["settings"]
+    for _, (run, g) in sorted(runs.items(), key=lambda r: (report.search_kind(r[1][0].settings),
+                                                            r[1][0].settings["seed"])):
+        s = run.settings
         c, kind = model(g), report.search_kind(s)
         choices[kind, s["seed"]] = c
         m = [report.margin(c, b, "ppl") for b in baselines.values()]
