@@ -173,6 +173,10 @@ def configure_compile():
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_CACHE_DIR or os.path.join(
         os.path.expanduser("~"), ".cache", "star", f"inductor-{torch.__version__}-{kind}")
     import torch._dynamo as dynamo  # (its import writes torch's default cache directory, /tmp, if none is set)
+    import torch._functorch.config as functorch_config
+    # The backward graph is compiled with the forward, not at the first loss.backward(): a
+    # backward-only compile error surfaces in the call that `guarded` watches.
+    functorch_config.force_non_lazy_backward_lowering = True
     for name, value in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 8192)):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), value))
@@ -182,7 +186,7 @@ def guarded(compiled, eager, key, variant):
     """compiled, unless it raises for this class (key): then eager, for this call and for every
     model of the process after it, with a warning line (ours). Compilation is lazy, so a compiler
     error surfaces at a variant's first call (in the warm-up, or at a shape it never saw), before
-    anything ran; EAGER keeps which variant failed and why."""
+    anything ran, the backward's too (configure_compile); EAGER keeps which variant failed and why."""
     def call(*args):
         if key not in EAGER:
             try:
