@@ -162,7 +162,8 @@ def lm_head(norm, weight, x, targets):
 
 COMPILED = {}  # the compiled block and head, shared by every model of the process
 EAGER = {}  # class name (or 'head') -> why its graph failed to compile: it runs eagerly from then on
-COMPILE_BACKEND = "inductor"  # the tests use "eager": dynamo's graphs and guards without code generation
+COMPILE_BACKEND = os.environ.get("STAR_COMPILE_BACKEND", "inductor")  # "eager" (tests, suite --smoke): dynamo's
+# graphs and guards without code generation
 USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # a user's choice wins over ours
 
 
@@ -194,12 +195,17 @@ def guarded(compiled, eager, key, variant):
             except torch.OutOfMemoryError:
                 raise  # not the compiler's: the candidate fails (and is retried) as any other
             except Exception as e:  # noqa: BLE001
-                while (e.__cause__ or getattr(e, "inner_exception", None)) is not None:  # the compiler's own error
-                    e = e.__cause__ or e.inner_exception
-                EAGER[key] = f"{variant}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                EAGER[key] = f"{variant}: {compile_error(e)}"
                 print(f"warning: compile failed for {EAGER[key]}; {key} runs eagerly from now on", file=sys.stderr)
         return eager(*args)
     return call
+
+
+def compile_error(e):
+    """The compiler's own error under torch's wrappers, in one line."""
+    while (e.__cause__ or getattr(e, "inner_exception", None)) is not None:
+        e = e.__cause__ or e.inner_exception
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def warm_up(preset, source, device="cpu", log=None):

@@ -938,11 +938,27 @@ def test_bench_suite_smoke(tmp_path):
     out = run_cli("bench.py", "suite", "--smoke", "--out", str(tmp_path / "search"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "0 command(s) failed" in out.stdout and out.stdout.count("tokens/s") >= 3
-    assert "per token" in out.stdout and (tmp_path / "search" / "report.md").exists()
+    assert "per token" in out.stdout and (tmp_path / "search" / "search" / "report.md").exists()
     assert re.search(r"compiled the catalogue's \d+ LIV variants: \d+ graphs .*; eager: none", out.stdout)
     assert len(re.findall(r"^\S.* +\d+\.\d\d +[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+ +[\d.]+ +[\d.]+$", out.stdout, re.M)) == 2
     table = (tmp_path / "search" / "suite.md").read_text()
     assert table.count("| 0 |") == len(re.findall(r"\n\[ *\d+ s\] \$", out.stdout)) >= 8
+
+
+def test_bench_suite_device_plan_smoke(tmp_path):
+    """The device plan (issue 37) at tiny sizes on the CPU: each command streams to its own log, and
+    suite.md, rewritten after each command, tables every one (exit 0) with the search's candidates;
+    a command past its timeout is a row 'timeout', and the table still holds what ran before."""
+    out = run_cli("bench.py", "suite", "--plan", "device", "--smoke", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    logs = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert logs == ["01-warmup.log", "02-search.log", "03-blocks.log", "04-ops.log"], logs
+    assert re.search(r"LIV variants: \d+ graphs in [\d.]+ s; eager: none", (tmp_path / "01-warmup.log").read_text())
+    assert "Delta-1" in (tmp_path / "04-ops.log").read_text() and "tokens/s" in (tmp_path / "03-blocks.log").read_text()
+    table = (tmp_path / "suite.md").read_text()
+    assert table.count("| 0 |") == 4 and len(re.findall(r"^\| [^|]+ \| [\d,]+ \| [\d.]+ \| [\d.]+ \|$", table, re.M)) == 3
+    bench.write_suite_table(str(tmp_path), [("warmup", ["python", "star.py", "compile"], 300.0, "timeout 300 s")], 300.0)
+    assert "| warmup | `compile` | 300 | timeout 300 s |" in (tmp_path / "suite.md").read_text()
 
 
 def test_compiled_blocks_are_reused_by_later_models(corpus):
@@ -2305,6 +2321,23 @@ def test_a_backward_only_compile_failure_sends_its_class_to_eager(corpus, monkey
     assert result["status"] == "ok", result
     assert list(star.EAGER) == ["Delta-1"] and len(warnings) == 1, warnings
     assert "compile failed for Delta-1 (featurizer" in warnings[0] and "no backward kernel" in warnings[0]
+    torch._dynamo.reset()
+
+
+def test_ops_prints_failed_for_a_class_that_does_not_compile_and_goes_on(monkeypatch, capsys):
+    """bench.py ops --compile with a compiler that fails for the delta rule's graphs only: the rows
+    of Delta-1 (and -Diff) say 'failed: <one line>', every other class has its time and ratio (issue 37: the first
+    failing class ended the whole table)."""
+    import torch._dynamo
+    monkeypatch.setattr(star, "COMPILE_BACKEND", failing_backend("forward", "solve_triangular"))
+    torch._dynamo.reset()
+    bench.main(["ops", "--compile", "--device", "cpu", "--batch", "1", "--seq-len", "16", "--width", "16", "--heads",
+                "2", "--chunk", "8", "--reps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    rows = dict(line.split(None, 1) for line in out.splitlines() if line.split(" ")[0] in gn.CLASS_INDEX)
+    delta = [cls.name for cls in gn.CATALOGUE if cls.mixer == "delta"]  # Delta-1 and Delta-1-Diff
+    assert all(rows.pop(name) == "failed: RuntimeError: no forward kernel for solve_triangular" for name in delta), out
+    assert len(rows) == len(gn.CATALOGUE) - 2 and all(re.fullmatch(r"[\d.]+ +[\d.]+", r) for r in rows.values()), out
     torch._dynamo.reset()
 
 
