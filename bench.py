@@ -28,7 +28,9 @@ import genome as gn
 import liv
 import star
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+PEAK_TFLOPS = {  # dense bf16 peaks for MFU, and where each comes from
+    "H100": (989.0, "H100 datasheet, dense bf16"), "A100": (312.0, "A100 datasheet, dense bf16"),
+    "H200": (790.0, "bf16 matmuls measured on an H200 (issue 37); the datasheet's 989 is not reached")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +66,8 @@ def median_ms(fn, device, reps=10, warmup=3, setup=None):
 
 def compiled(fn, use_compile):
     """torch.compile(fn) as one graph when asked (a whole model, a lone LIV). No eager fallback: a
-    compile error is the benchmark's failure (one line), never an eager time shown as compiled."""
+    compile error is the benchmark's failure (one line), or its item's in a table (attempt), never
+    an eager time shown as compiled."""
     if not use_compile:
         return fn
     star.configure_compile()
@@ -123,13 +126,12 @@ def flops_by_class(model, seq_len):
 
 
 def peak_tflops(device, override=None):
-    """The card's dense bf16 peak from a small table, or None when the card is unknown."""
+    """(the card's dense bf16 peak, where it comes from) from a small table, or (None, None) when
+    the card is unknown."""
     if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        return override, "--peak-tflops"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), (None, None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,13 +259,13 @@ def train(args):
     tokens_per_s = args.batch * args.seq_len / (ms / 1e3)
     flops = training_flops_per_token(model, args.seq_len)
     tflops = flops * tokens_per_s / 1e12
-    peak = peak_tflops(device, args.peak_tflops)
+    peak, source = peak_tflops(device, args.peak_tflops)
     memory = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA peak allocated)" if device.type == "cuda"
               else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)")
     params = star.param_counts(model)[0]
     print(f"{gn.summary(model.genome)}: {params:,} parameters, batch {args.batch} x {args.seq_len}")
     print(f"step {ms:.2f} ms, {tokens_per_s:,.0f} tokens/s, {tflops:.1f} TFLOP/s, peak memory {memory}")
-    print("MFU: " + (f"{100 * tflops / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else
+    print("MFU: " + (f"{100 * tflops / peak:.1f}% of {peak:.0f} TFLOP/s ({source})" if peak else
                      "unknown card: pass --peak-tflops to get MFU"))
     print(f"\ntraining FLOPs per token by LIV class (total {flops / 1e6:.2f} MFLOP)\n{'class':<14}{'MFLOP':>10}{'share':>8}")
     for name, f in sorted(flops_by_class(model, args.seq_len).items(), key=lambda kv: -kv[1]):
@@ -287,17 +289,27 @@ def ops(args):
                 y, _ = fn(x)
             y.float().square().mean().backward()
 
-        results[cls.name] = median_ms(fwd_bwd, device, args.reps, warmup=args.warmup)
+        results[cls.name] = attempt(median_ms, fwd_bwd, device, args.reps, warmup=args.warmup)
     base = results["SA-1"]
     print(f"forward+backward, batch {args.batch} x {args.seq_len}, width {args.width}, {args.heads} heads, "
           f"{device.type}{' compiled' if args.compile else ''}\n{'class':<14}{'ms':>10}{'x SDPA':>8}")
     for name, ms in results.items():
-        print(f"{name:<14}{ms:>10.3f}{ms / base:>8.2f}")
+        print(f"{name:<14}" + (ms if isinstance(ms, str) else f"{ms:>10.3f}" + (
+              f"{ms / base:>8.2f}" if not isinstance(base, str) else "")))
     loop_ms, chunk_ms, short = recurrence_vs_loop(args, device)
     print(f"\nrecurrence: chunked {chunk_ms:.3f} ms at length {args.seq_len}; Python loop {loop_ms:.3f} ms at "
           f"length {short}, extrapolated x{args.seq_len / short:.0f} = {loop_ms * args.seq_len / short:.1f} ms "
           f"({loop_ms * args.seq_len / short / chunk_ms:.0f}x the chunked form)")
     return results
+
+
+def attempt(fn, *args, **kwargs):
+    """fn's result, or 'failed: <the error in one line>': one item of a table fails (a class or
+    genome that does not compile), the table goes on."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        return f"failed: {star.compile_error(e)}"
 
 
 def recurrence_vs_loop(args, device):
@@ -319,21 +331,25 @@ def recurrence_vs_loop(args, device):
 
 def candidates(args):
     """What a search's new candidate costs once the catalogue is compiled: the warm-up, then per
-    random genome the first step's overhead (its seconds beyond a steady step) against a 2,000-step
-    training, and tokens/s of its compiled blocks against the same genome compiled whole and against
-    Transformer++ compiled whole, every side timed the same way (timed_step: forward, backward,
-    optimizer step on one batch; the median of --reps)."""
+    random genome the first step's overhead (its seconds beyond a steady step) against the
+    training of the search's first rung (375 steps at the gpu preset), and tokens/s of its
+    compiled blocks against the same genome compiled whole and against Transformer++ compiled whole,
+    every side timed the same way (timed_step: forward, backward, optimizer step on one batch; the
+    median of --reps)."""
     device, rng = torch.device(args.device), np.random.default_rng(args.seed)
     star.COMPILE_BACKEND = args.backend
     preset = dataclasses.replace(config.PRESETS[config.preset_name(args.preset)], steps=args.steps, compile=True,
                                  **{k: getattr(args, k) for k in ("width", "heads", "n_livs", "seq_len", "batch_size")
                                     if getattr(args, k) is not None})
     corpus = star.Corpus().check(preset)
-    yardstick, _ = tokens_per_second(gn.baseline("transformer++", gn.baseline_depth(preset.n_livs)), preset, device, args)
-    print(f"Transformer++ compiled whole: {yardstick:,.0f} tokens/s ({preset.batch_size} x {preset.seq_len}, "
-          f"width {preset.width}, {preset.n_livs} LIVs, {device})", flush=True)
+    rung = config.SEARCH_DEFAULTS[config.preset_name(args.preset)]["rungs"][0]  # the search's first
+    yardstick = attempt(tokens_per_second, gn.baseline("transformer++", gn.baseline_depth(preset.n_livs)), preset,
+                        device, args)
+    yardstick = yardstick if isinstance(yardstick, str) else yardstick[0]
+    print(f"Transformer++ compiled whole: {yardstick if isinstance(yardstick, str) else f'{yardstick:,.0f} tokens/s'} "
+          f"({preset.batch_size} x {preset.seq_len}, width {preset.width}, {preset.n_livs} LIVs, {device})", flush=True)
     star.warm_up(preset, corpus, device, log=lambda s: print(s, flush=True))
-    print(f"{'genome':<44}{'first s':>8}{'step ms':>8}{'% of 2k':>8}{'tok/s':>11}{'x whole':>8}{'x T++':>7}"
+    print(f"{'genome':<44}{'first s':>8}{'step ms':>8}{f'% of {rung}':>8}{'tok/s':>11}{'x whole':>8}{'x T++':>7}"
           f"{'whole: first s':>15}")
     for _ in range(args.n):
         g = gn.random_genome(preset.n_livs, rng)
@@ -342,11 +358,13 @@ def candidates(args):
             print(f"{gn.summary(g)[:43]:<44}failed: {r.get('error')}", flush=True)
             continue
         blocks, _ = tokens_per_second(g, preset, device, args, whole=False)
-        whole, whole_first = tokens_per_second(g, preset, device, args)
+        whole = attempt(tokens_per_second, g, preset, device, args)  # (tokens/s, first s) or 'failed: ...'
         step = preset.batch_size * preset.seq_len / blocks  # seconds
-        print(f"{gn.summary(g)[:43]:<44}{r['first_step_seconds']:>8.2f}{step * 1e3:>8.1f}"
-              f"{100 * max(0.0, r['first_step_seconds'] - step) / (2000 * step):>8.2f}{blocks:>11,.0f}"
-              f"{blocks / whole:>8.2f}{blocks / yardstick:>7.2f}{whole_first:>15.2f}", flush=True)
+        overhead = 100 * max(0.0, r["first_step_seconds"] - step) / (rung * step)
+        versus = (f"  whole: {whole}" if isinstance(whole, str) else f"{blocks / whole[0]:>8.2f}"
+                  f"{'-' if isinstance(yardstick, str) else f'{blocks / yardstick:.2f}':>7}{whole[1]:>15.2f}")
+        print(f"{gn.summary(g)[:43]:<44}{r['first_step_seconds']:>8.2f}{step * 1e3:>8.1f}{overhead:>8.2f}"
+              f"{blocks:>11,.0f}{versus}", flush=True)
 
 
 def tokens_per_second(genome, preset, device, args, whole=True):
@@ -365,6 +383,7 @@ def tokens_per_second(genome, preset, device, args, whole=True):
 
 
 SECTIONS = ("ops", "train", "latency", "search", "candidates")
+DEVICE_SECTIONS = ("warmup", "search", "blocks", "ops")
 SHAPES = {  # reference shapes (plain-PyTorch yardsticks measured on an H200), and a smoke-test size that runs on a CPU in seconds
     "reference": {"ops": ["--batch", "8", "--seq-len", "2048", "--width", "768", "--heads", "12"],
                   "model": ["--width", "768", "--heads", "12", "--n-livs", "24"],
@@ -403,37 +422,98 @@ def suite_commands(args):
         ("latency", bench_py + ["latency", "--baseline", "transformer++"] + model + decode),
         ("latency", bench_py + ["latency", "--baseline", "striped-mamba"] + model + decode),
         ("search", evolve_py + ["--preset", "gpu", "--population", str(args.search_population), "--generations",
-                                "1", "--steps", str(args.search_steps), "--confirm-steps", "0", "--out", args.out]
+                                "1", "--steps", str(args.search_steps), "--confirm-steps", "0",
+                                "--out", os.path.join(args.out, "search")]
          + shape["search"]),  # end to end, throughput and turnover: no confirmation stage
     ]
 
 
+def device_plan(args):
+    """The GPU path in two calls of at most 8 minutes on a fresh H200 (issue 37): --only warmup,search
+    (the cold warm-up, then a 3-candidate, one-rung gpu search from the warm cache), then --only
+    blocks,ops (Transformer++ per block against the same model compiled whole, at the anchor's shape
+    of ../shared/ANCHORS.md: 2.98M tokens/s compiled whole, 1.62M eager; every class's
+    forward+backward against SA-1). (section, argv, timeout s) triples; --smoke: CPU sizes, dynamo's
+    eager backend (STAR_COMPILE_BACKEND)."""
+    smoke, compile_flag = args.smoke, [] if args.smoke else ["--compile"]
+    sizes = ["--width", "32", "--heads", "4", "--n-livs", "4", "--seq-len", "32", "--batch-size", "2"] if smoke else []
+    rung = ["--rungs", "3", "--eval-batches", "1", "--device", "cpu"] if smoke else ["--rungs", "375"]
+    anchor = (["--width", "32", "--heads", "4", "--n-livs", "4", "--batch", "2", "--seq-len", "32"] if smoke else
+              ["--preset", "gpu", "--batch", "64", "--seq-len", "1024"])
+    star_py, evolve_py, bench_py = [sys.executable, "star.py"], [sys.executable, "evolve.py"], [sys.executable, __file__]
+    return [
+        ("warmup", star_py + ["compile", "--preset", "gpu"] + sizes + (["--device", "cpu"] if smoke else []), 300),
+        ("search", evolve_py + ["--preset", "gpu", "--population", "3", "--generations", "1", "--confirm-steps",
+                                "0", "--out", os.path.join(args.out, "search")] + rung + sizes, 170),
+        ("blocks", bench_py + ["train", "--baseline", "transformer++"] + compile_flag + anchor, 110),
+        ("blocks", bench_py + ["train", "--baseline", "transformer++"] + (
+            [] if smoke else ["--compile-model"]) + anchor, 110),
+        ("ops", bench_py + ["ops"] + SHAPES["smoke" if smoke else "reference"]["ops"] + compile_flag, 240),
+    ]
+
+
 def suite(args):
-    """The prepared GPU script: the candidates after the warm-up, ops, train, latency and a
-    5-candidate search in one call, every command's output kept in one file (--out's suite.md,
-    with a table of the commands, their seconds and exit codes). `--only train,latency` runs some
-    sections; `--smoke` runs it all at tiny sizes on a CPU, to check the script before GPU time."""
+    """The prepared GPU script: every command's output streams to its own log under --out, each has
+    its own timeout, and --out's suite.md (a table of the commands, seconds and exit codes, then
+    their logs) is rewritten after each, so a call cut short still returns what it measured.
+    --plan reference: the candidates after the warm-up, ops, train, latency and a 5-candidate
+    search (30-45 min cold on an H200); --plan device: device_plan. `--only` runs some sections;
+    `--smoke` runs the plan at tiny sizes on a CPU, to check the script before GPU time."""
     import subprocess
-    sections = set(args.only.split(",")) if args.only else set(SECTIONS)
-    start, rows, logs = time.time(), [], []
-    for section, argv in suite_commands(args):
+    plan = device_plan(args) if args.plan == "device" else [(s, argv, 3600) for s, argv in suite_commands(args)]
+    sections = set(args.only.split(",")) if args.only else {section for section, _, _ in plan}
+    start, rows = time.time(), []
+    for section, argv, timeout in plan:
         if section not in sections or any(argv == done for _, done, _, _ in rows):  # (smoke: compiled = eager)
             continue
         command = " ".join([os.path.basename(argv[1])] + argv[2:])
-        print(f"\n[{time.time() - start:6.0f} s] $ {command}", flush=True)
+        log = os.path.join(args.out, f"{len(rows) + 1:02d}-{section}.log")
+        print(f"\n[{time.time() - start:6.0f} s] $ {command}   (log: {log}, timeout {timeout} s)", flush=True)
         began = time.time()
-        out = subprocess.run(argv, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        print(out.stdout, end="", flush=True)
-        rows.append((section, argv, time.time() - began, out.returncode))
-        logs.append(f"$ {command}\n{out.stdout}")
+        with open(log, "w") as f:
+            f.write(f"$ {command}\n")
+            f.flush()
+            try:
+                code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env={
+                    **os.environ, "PYTHONUNBUFFERED": "1", **({"STAR_COMPILE_BACKEND": "eager"} if args.smoke else {})}).returncode
+            except subprocess.TimeoutExpired:
+                code = f"timeout {timeout} s"
+        with open(log) as f:
+            print(f.read().split("\n", 1)[1], end="", flush=True)
+        rows.append((section, argv, time.time() - began, code))
+        write_suite_table(args.out, rows, time.time() - start)
     failures = sum(code != 0 for *_, code in rows)
-    table = ["| section | command | seconds | exit |", "|---|---|---|---|"] + [
-        f"| {section} | `{' '.join(argv[2:])}` | {seconds:.0f} | {code} |" for section, argv, seconds, code in rows]
-    config.write_file(os.path.join(args.out, "suite.md"), "\n".join(
-        table + ["", f"{len(rows)} commands in {time.time() - start:.0f} s, {failures} failed", "", "```"] + logs + ["```"]))
     print(f"\nsuite done in {time.time() - start:.0f} s, {failures} command(s) failed; {args.out}/suite.md", flush=True)
     if failures:
         sys.exit(1)
+
+
+def write_suite_table(out, rows, seconds):
+    table = ["| section | command | seconds | exit |", "|---|---|---|---|"] + [
+        f"| {section} | `{' '.join(argv[2:])}` | {took:.0f} | {code} |" for section, argv, took, code in rows]
+    logs = []
+    for i, (section, *_) in enumerate(rows, 1):
+        with open(os.path.join(out, f"{i:02d}-{section}.log")) as f:
+            logs.append(f.read())
+    failures = sum(code != 0 for *_, code in rows)
+    config.write_file(os.path.join(out, "suite.md"), "\n".join(
+        table + ["", f"{len(rows)} commands in {seconds:.0f} s, {failures} failed", ""] + search_rows(out) + ["```"]
+        + logs + ["```"]))
+
+
+def search_rows(out):
+    """The suite's search, per candidate: tokens/s and the first step's overhead (compilation,
+    warm-up: its seconds beyond a steady step) as a share of its rung's training."""
+    path, rows = os.path.join(out, "search", "evaluations.jsonl"), []
+    if os.path.exists(path):
+        with open(path) as f:
+            for e in (json.loads(line) for line in f if line.strip()):
+                if e.get("status") == "ok" and e.get("steps_trained", 0) > 1 and e.get("tokens_per_second"):
+                    step = (e["train_seconds"] - e["first_step_seconds"]) / (e["steps_trained"] - 1)  # seconds
+                    rows.append(f"| {e['summary']} | {e['tokens_per_second']:,.0f} | {e['first_step_seconds']:.2f} | "
+                                f"{100 * max(0.0, e['first_step_seconds'] - step) / e['train_seconds']:.1f} |")
+    return ["| search candidate | tokens/s | first step s | overhead, % of its rung |", "|---|---|---|---|", *rows,
+            ""] if rows else []
 
 
 def dtype_of(args):
@@ -481,7 +561,10 @@ def add_args(s, name):
         s.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
                        help="torch.compile backend (eager: dynamo's graphs without code generation, for --smoke)")
     if name == "suite":
-        s.add_argument("--only", help="comma-separated sections: " + ", ".join(SECTIONS))
+        s.add_argument("--plan", default="reference", choices=["reference", "device"],
+                       help="reference: every section (30-45 min cold); device: two calls of 8 min (README)")
+        s.add_argument("--only", help="comma-separated sections: " + ", ".join(SECTIONS) + "; device plan: "
+                       + ", ".join(DEVICE_SECTIONS))
         s.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: check the script itself")
         s.add_argument("--search-steps", type=number("steps"), default=200, help="steps per candidate of the search")
         s.add_argument("--search-population", type=number("population"), default=5, help="the search's population")
@@ -510,9 +593,10 @@ def check_args(args):
     if getattr(args, "trace", None):
         config.output_file(args.trace, "trace")
     if args.command == "suite":
-        unknown = set(args.only.split(",")) - set(SECTIONS) if args.only is not None else set()
+        known = DEVICE_SECTIONS if args.plan == "device" else SECTIONS
+        unknown = set(args.only.split(",")) - set(known) if args.only is not None else set()
         if unknown:
-            raise ValueError(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+            raise ValueError(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
         config.output_dir(args.out, "search output directory")
     if args.command == "ops":
         config.check_preset(dataclasses.replace(config.PRESETS["tiny"], width=args.width, heads=args.heads,

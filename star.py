@@ -163,7 +163,8 @@ def lm_head(norm, weight, x, targets):
 
 COMPILED = {}  # the compiled block and head, shared by every model of the process
 EAGER = {}  # class name (or 'head') -> why its graph failed to compile: it runs eagerly from then on
-COMPILE_BACKEND = "inductor"  # the tests use "eager": dynamo's graphs and guards without code generation
+COMPILE_BACKEND = os.environ.get("STAR_COMPILE_BACKEND", "inductor")  # "eager" (tests, suite --smoke): dynamo's
+# graphs and guards without code generation
 USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # a user's choice wins over ours
 
 
@@ -174,6 +175,10 @@ def configure_compile():
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_CACHE_DIR or os.path.join(
         os.path.expanduser("~"), ".cache", "star", f"inductor-{torch.__version__}-{kind}")
     import torch._dynamo as dynamo  # (its import writes torch's default cache directory, /tmp, if none is set)
+    import torch._functorch.config as functorch_config
+    # The backward graph is compiled with the forward, not at the first loss.backward(): a
+    # backward-only compile error surfaces in the call that `guarded` watches.
+    functorch_config.force_non_lazy_backward_lowering = True
     for name, value in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 8192)):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), value))
@@ -183,7 +188,7 @@ def guarded(compiled, eager, key, variant):
     """compiled, unless it raises for this class (key): then eager, for this call and for every
     model of the process after it, with a warning line (ours). Compilation is lazy, so a compiler
     error surfaces at a variant's first call (in the warm-up, or at a shape it never saw), before
-    anything ran; EAGER keeps which variant failed and why."""
+    anything ran, the backward's too (configure_compile); EAGER keeps which variant failed and why."""
     def call(*args):
         if key not in EAGER:
             try:
@@ -191,12 +196,17 @@ def guarded(compiled, eager, key, variant):
             except torch.OutOfMemoryError:
                 raise  # not the compiler's: the candidate fails (and is retried) as any other
             except Exception as e:  # noqa: BLE001
-                while (e.__cause__ or getattr(e, "inner_exception", None)) is not None:  # the compiler's own error
-                    e = e.__cause__ or e.inner_exception
-                EAGER[key] = f"{variant}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                EAGER[key] = f"{variant}: {compile_error(e)}"
                 print(f"warning: compile failed for {EAGER[key]}; {key} runs eagerly from now on", file=sys.stderr)
         return eager(*args)
     return call
+
+
+def compile_error(e):
+    """The compiler's own error under torch's wrappers, in one line."""
+    while (e.__cause__ or getattr(e, "inner_exception", None)) is not None:
+        e = e.__cause__ or e.inner_exception
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def warm_up(preset, source, device="cpu", log=None):
