@@ -392,7 +392,7 @@ SHAPES = {  # reference shapes (plain-PyTorch yardsticks measured on an H200), a
     "smoke": {"ops": ["--batch", "1", "--seq-len", "64", "--width", "32", "--heads", "4", "--reps", "1"],
               "model": ["--width", "32", "--heads", "4", "--n-livs", "4", "--reps", "2"],
               "train": ["--batch", "2", "--seq-len", "32"],
-              "search": ["--width", "32", "--n-livs", "2", "--seq-len", "64", "--batch-size", "2", "--steps", "10",
+              "search": ["--width", "32", "--n-livs", "2", "--seq-len", "64", "--batch-size", "2", "--steps", "10", "--warmup", "2",
                          "--population", "4", "--eval-batches", "1", "--no-compile", "--device", "cpu"],
               "candidates": ["--n", "2", "--steps", "3", "--backend", "eager", "--width", "32", "--heads", "4", "--n-livs", "4",
                              "--seq-len", "32", "--batch-size", "2", "--reps", "2", "--warmup", "1"]},
@@ -437,7 +437,7 @@ def device_plan(args):
     eager backend (STAR_COMPILE_BACKEND)."""
     smoke, compile_flag = args.smoke, [] if args.smoke else ["--compile"]
     sizes = ["--width", "32", "--heads", "4", "--n-livs", "4", "--seq-len", "32", "--batch-size", "2"] if smoke else []
-    rung = ["--rungs", "3", "--eval-batches", "1", "--device", "cpu"] if smoke else ["--rungs", "375"]
+    rung = ["--rungs", "3", "--warmup", "1", "--eval-batches", "1", "--device", "cpu"] if smoke else ["--rungs", "375"]
     anchor = (["--width", "32", "--heads", "4", "--n-livs", "4", "--batch", "2", "--seq-len", "32"] if smoke else
               ["--preset", "gpu", "--batch", "64", "--seq-len", "1024"])
     star_py, evolve_py, bench_py = [sys.executable, "star.py"], [sys.executable, "evolve.py"], [sys.executable, __file__]
@@ -485,7 +485,7 @@ def suite(args):
     failures = sum(code != 0 for *_, code in rows)
     print(f"\nsuite done in {time.time() - start:.0f} s, {failures} command(s) failed; {args.out}/suite.md", flush=True)
     if failures:
-        sys.exit(1)
+        config.fail(f"{failures} of {len(rows)} suite commands failed: their logs are in {args.out}/suite.md")
 
 
 def write_suite_table(out, rows, seconds):
@@ -597,6 +597,9 @@ def check_args(args):
         unknown = set(args.only.split(",")) - set(known) if args.only is not None else set()
         if unknown:
             raise ValueError(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+        search = os.path.join(args.out, "search")
+        if ("search" in args.only.split(",") if args.only else True) and os.path.exists(search):
+            raise ValueError(f"--out {args.out} already holds a suite's search ({search}): choose another --out")
         config.output_dir(args.out, "search output directory")
     if args.command == "ops":
         config.check_preset(dataclasses.replace(config.PRESETS["tiny"], width=args.width, heads=args.heads,

@@ -959,6 +959,9 @@ def test_bench_suite_device_plan_smoke(tmp_path):
     assert table.count("| 0 |") == 4 and len(re.findall(r"^\| [^|]+ \| [\d,]+ \| [\d.]+ \| [\d.]+ \|$", table, re.M)) == 3
     bench.write_suite_table(str(tmp_path), [("warmup", ["python", "star.py", "compile"], 300.0, "timeout 300 s")], 300.0)
     assert "| warmup | `compile` | 300 | timeout 300 s |" in (tmp_path / "suite.md").read_text()
+    again = run_cli("bench.py", "suite", "--plan", "device", "--smoke", "--only", "search", "--out", str(tmp_path))
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "already holds" in again.stderr, again.stderr
+    assert "$ " not in again.stdout  # refused before any command ran
 
 
 def test_compiled_blocks_are_reused_by_later_models(corpus):
