@@ -246,12 +246,14 @@ def promote(run, pool, log):
 
 
 def prune_states(run):
-    """Delete the kept states that are unlikely to be continued (ours, for disk: a missing state
-    only means a training from scratch, to the same result): a model's state at a rung it has
-    passed, and at its highest rung unless it is within twice the promotion share there."""
-    for rung, steps in enumerate(run.settings["rungs"][:-1]):
+    """Delete the kept states that can never be continued (ours, for disk): a model's state at a rung
+    it has passed, and one ranked below the most the settings can ever promote from its rung (the
+    top 1/eta of at most population x generations / eta^rung models); a model only falls in rank."""
+    s = run.settings
+    for rung, steps in enumerate(s["rungs"][:-1]):
         order = best_at(run, rung)
-        hopeful = {model_key(c) for c in order[: 2 * len(order) // run.settings["eta"]]} - set(run.at_rung(rung + 1))
+        hopeful = {model_key(c) for c in order[: s["population"] * s["generations"] // s["eta"] ** (rung + 1)]}
+        hopeful -= set(run.at_rung(rung + 1))
         for e in run.at_rung(rung).values():
             if e["key"] not in hopeful:
                 with contextlib.suppress(OSError):
@@ -267,8 +269,10 @@ def promotable(run, rung):
 
 
 def best_at(run, rung):
-    """The models that trained at this rung, best first by NSGA-II's order of their results there."""
-    ok = [e["compact"] for e in run.at_rung(rung).values() if e["status"] == "ok"]
+    """The models that trained at this rung, best first by NSGA-II's order of their results there;
+    ties (a front's two ends, both of infinite crowding) by the results, never by arrival."""
+    ok = sorted((e["compact"] for e in run.at_rung(rung).values() if e["status"] == "ok"),
+                key=lambda c: (*run.objectives([c], rung)[0], c))
     return [ok[i] for i in best_first(*ranked(run, ok, rung))] if ok else []
 
 

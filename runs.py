@@ -47,6 +47,8 @@ class Run:
         for e in sorted(self.evaluations, key=lambda e: e["rung"]):  # stable: a retrain replaces
             if rung is None or e["rung"] <= rung:
                 first = merged.get(e["key"], e)
+                if rung is None and e["status"] != "ok" and first["status"] == "ok" and first["rung"] < e["rung"]:
+                    continue  # failed higher up: it stands at the highest rung it reached with a result
                 merged[e["key"]] = {**first, **e, "generation": first["generation"]}
         return {k: e for k, e in merged.items() if rung is None or e["rung"] == rung}
 

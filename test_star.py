@@ -1822,12 +1822,57 @@ def test_promotion_reaches_across_generations_and_never_repeats():
     assert evolve.promotable(run, 2) == []  # one model at rung 1: its top half is empty
 
 
+def test_promotion_with_two_objectives_does_not_depend_on_arrival_order():
+    """Three models on one front (ppl against size): its two ends tie at infinite crowding; the top
+    third promoted is the same whatever order the results arrived in (issue 36, a)."""
+    a, b, c = "1.1.1.1.1-9.2.1.2.1", "5.1.1.1.1-9.2.1.2.1", "7.1.1.1.1-9.2.1.2.1"
+    chosen = []
+    for order in ([a, b, c], [b, a, c], [c, b, a]):
+        run = fake_run({x: {a: 5.0, b: 6.0, c: 7.0}[x] for x in order}, [], order, "quality-size")
+        for e in run.evaluations:
+            e["params"] = {a: 300, b: 200, c: 100}[e["compact"]]
+        run.settings["eta"] = 3
+        chosen.append(evolve.promotable(run, 1))
+    assert chosen[0] == chosen[1] == chosen[2] and len(chosen[0]) == 1
+
+
+def test_a_kept_state_that_a_later_generation_promotes_is_never_pruned(tmp_path):
+    """eta 4 over 4 x 4 candidates: after generation 0 (4 models) the old rule kept twice the share
+    then (the top 2); 12 worse models later, the top 4 continue, and the third needs its state
+    (issue 36, g: random-0 retrained one from scratch)."""
+    first = [f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9)]
+    run = fake_run(dict(zip(first, (2.0, 3.0, 4.0, 5.0))), first, [])
+    run.out, run.settings = str(tmp_path), {**run.settings, "eta": 4, "generations": 4, "population": 4}
+    state = {"model": {}, "optimizer": {}, "step": 48, "key": "k"}
+    for x in first:
+        workers.Evaluator.keep(workers.state_path(run.out, x, 60), state)
+    evolve.prune_states(run)
+    later = [gn.to_compact(gn.random_genome(2, np.random.default_rng(i))) for i in range(12)]
+    run.evaluations += [{"key": runs.model_key(c), "status": "ok", "ppl": 9.0, "compact": c, "rung": 0, "generation": 1}
+                        for c in later]
+    assert evolve.promotable(run, 1) == first
+    assert all(os.path.exists(workers.state_path(run.out, x, 60)) for x in first)
+
+
+def test_a_model_that_failed_at_a_higher_rung_ranks_by_its_last_result():
+    """x trained at rung 0 (ppl 9.0), then failed at rung 1: it stands at rung 0, behind y (5.0), and
+    stays in the ranking (issue 36, b: it outranked every model, and the ranking dropped it)."""
+    x, y = "1.1.1.1.1-9.2.1.2.1", "5.1.1.1.1-9.2.1.2.1"
+    run = fake_run({x: 9.0, y: 5.0}, [x, y], [])
+    run.evaluations.append({**run.evaluations[0], "rung": 1, "status": "failed", "ppl": None, "error": "boom"})
+    assert list(run.levels([x, y])) == [0, 0]
+    assert [e["compact"] for e in evolve.ranking(run)] == [y, x]
+    rank, _ = evolve.ranked(run, [x, y])
+    assert rank[1] < rank[0]
+
+
 def test_kept_states_stay_for_the_models_that_may_continue(tmp_path, capsys):
-    """eta 4 over 4 models: twice the promotion share is the top 2 (b, d); b passed rung 0 already."""
+    """eta 4, at most 8 candidates: the top 2 of rung 0 may ever continue (b, d); b passed rung 0 already."""
     a, b, c, d = (f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9))
     run = fake_run({a: 5.0, b: 2.0, c: 6.0, d: 4.0}, [a, b], [])
     run.out, run.settings["eta"] = str(tmp_path), 4
     run.evaluations.append({**run.evaluations[1], "ppl": 1.5, "rung": 1})
+    run.settings["generations"] = 4  # 2 x 4 candidates at most: the top 2 of rung 0 can ever continue
     state = {"model": {}, "optimizer": {}, "step": 48, "key": d}
     for x in (a, b, c, d):
         workers.Evaluator.keep(workers.state_path(run.out, x, 60), state)
