@@ -17,6 +17,7 @@ torchrun group) is workers.py; what is written for people (report.md, figures) i
 """
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -217,9 +218,16 @@ def train_generation(run, pool, log):
 
 
 def train_and_record(run, pool, tasks, rung):
-    """Train tasks at a rung of this generation, recording and checkpointing each as it finishes."""
-    for t, result, rank in pool.map(tasks):
-        entry = record(tasks[t][0], result, rank, generation=run.generation, rung=rung)
+    """Train tasks at a rung of this generation, recording and checkpointing each as it finishes. A
+    task that is one of the baselines (--init hybrids) takes the baseline's result at this rung,
+    trained under the same seed already (ours: 6-29% of such a search's compute)."""
+    known = {e["key"]: e for e in run.baselines.values() if e.get("rung", 0) == rung and e["status"] == "ok"}
+    rest = [t for t in tasks if model_key(t[0]) not in known]
+    copies = ((c, {**{k: v for k, v in known[model_key(c)].items() if k not in runs.NAMING}, "copied": True,
+                   "steps_trained": 0, "seconds": 0.0}, 0) for c, _ in tasks if model_key(c) in known)
+    trained = ((rest[t][0], result, rank) for t, result, rank in pool.map(rest))
+    for compact, result, rank in itertools.chain(copies, trained):
+        entry = record(compact, result, rank, generation=run.generation, rung=rung)
         run.evaluations.append(entry)
         run.save()
         path = os.path.join(run.out, "evaluations.jsonl")

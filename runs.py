@@ -325,6 +325,9 @@ def check_state(state):
         raise ValueError("elapsed is negative")
 
 
+NAMING = ("genome", "compact", "key", "summary", "rank", "rung", "generation", "stage", "seed", "steps")  # not results
+
+
 def record(compact, result, rank, **where):
     """A trained model's entry as the checkpoint keeps it."""
     g = gn.from_compact(compact)

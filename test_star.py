@@ -634,10 +634,18 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, cap
 def test_init_hybrids_starts_from_the_baselines_and_their_mutants(tmp_path):
     """--init hybrids: generation 0 holds the three baselines, then mutants of each in turn (every one
     a valid genome that differs from its parent: mutation at rate 1); an odd depth is refused."""
-    evolve.main(search_args(tmp_path, "--init", "hybrids", "--population", "5", "--generations", "1", "--mutation", "1"))
-    first = [e for e in read_evaluations(tmp_path) if e["generation"] == 0]
+    evolve.main(search_args(tmp_path, "--init", "hybrids", "--population", "5", "--generations", "1", "--mutation", "1",
+                            "--rungs", "3,6", "--eta", "2", "--confirm-steps", "0"))
+    first = [e for e in read_evaluations(tmp_path) if e["generation"] == 0 and e["rung"] == 0]
     hybrids = [gn.to_compact(gn.baseline(name, 2)) for name in config.SEARCH_BASELINES]
     assert [e["compact"] for e in first[:3]] == hybrids and len(first) == 5
+    # the hybrids are not trained again: each takes its baseline's result at every rung it reaches (issue 36, f)
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    baseline = {(e["key"], e["rung"]): e for e in state["baselines"].values()}
+    copies = [e for e in state["evaluations"] if e["compact"] in hybrids]
+    assert copies and all(e["copied"] and e["steps_trained"] == 0 and e["ppl"] == baseline[e["key"], e["rung"]]["ppl"]
+                          for e in copies)
+    assert [e["summary"] for e in copies if e["rung"] == 1] == ["Rec-1 GMemless"]  # promoted: its rung-1 result
     assert all(gn.validate(gn.from_compact(e["compact"])) == [] and e["compact"] not in hybrids for e in first[3:])
     assert json.loads((tmp_path / "checkpoint.json").read_text())["settings"]["init"] == "hybrids"
     with pytest.raises(SystemExit) as stop:
@@ -2270,14 +2278,15 @@ def test_the_study_checks_its_out_file_first_and_keys_results_by_budget(confirme
 
 def test_the_study_says_how_well_each_rung_predicts_the_target():
     """Constructed: four models reach the target (three candidates and a baseline continued to it), one
-    stops at the first rung, one failed at the middle one. The first rung orders the four as the target
+    stops at the first rung, one failed at the middle one; a (a candidate) is also a baseline: one point. The first rung orders the four as the target
     does but one swap (rho 0.8 by hand: 1 - 6 x 2 / (4 x 15)), the middle rung reverses them (-1)."""
     def e(key, rung, ppl, steps):
         return {"key": key, "rung": rung, "ppl": ppl, "status": "ok" if ppl else "failed", "steps_trained": steps}
     evaluations = [e("a", 0, 9.0, 10), e("b", 0, 8.0, 10), e("c", 0, 7.5, 10), e("d", 0, 9.9, 10), e("f", 0, 9.5, 10),
                    e("a", 1, 5.0, 10), e("b", 1, 6.0, 10), e("c", 1, 7.0, 10), e("f", 1, None, 10),
                    e("a", 2, 4.0, 20), e("b", 2, 3.0, 20), e("c", 2, 2.0, 20)]
-    baselines = {"sm": e("sm", 0, 8.5, 10), "sm@20": e("sm", 1, 4.0, 10), "sm@40": e("sm", 2, 4.5, 20)}
+    baselines = {"sm": e("sm", 0, 8.5, 10), "sm@20": e("sm", 1, 4.0, 10), "sm@40": e("sm", 2, 4.5, 20),
+                 "th": e("a", 0, 9.0, 10), "th@20": e("a", 1, 5.0, 10), "th@40": e("a", 2, 4.0, 20)}  # a is a hybrid
     settings = {"rungs": [10, 20, 40], "preset": {"batch_size": 2, "seq_len": 5}}
     line = study.search_lines("run", types.SimpleNamespace(settings=settings, evaluations=evaluations,
                                                            baselines=baselines))[0]

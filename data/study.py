@@ -71,9 +71,9 @@ def search_lines(path, run):
     rungs, at = run.settings["rungs"], {}  # (model, rung) -> ppl
     for e in run.evaluations:
         at[e["key"], e["rung"]] = e["ppl"] if e["status"] == "ok" else None
-    for name, e in run.baselines.items():
-        base, _, steps = name.partition("@")
-        at[base, rungs.index(int(steps)) if steps else 0] = e["ppl"] if e["status"] == "ok" else None
+    for name, e in run.baselines.items():  # by model: a hybrid met again as a candidate is one point
+        steps = name.partition("@")[2]
+        at[e["key"], rungs.index(int(steps)) if steps else 0] = e["ppl"] if e["status"] == "ok" else None
     top = [m for m, r in at if r == len(rungs) - 1 and all(at.get((m, i)) for i in range(len(rungs)))]
     run = SimpleNamespace(trainings=run.evaluations, settings=run.settings)
     if len(rungs) < 2:
