@@ -3,8 +3,8 @@ takes plain data (genomes, result records) and writes a PNG; report.py chooses w
 
 - architecture: each genome as a strip of LIV blocks coloured by family, with arcs from a
   leader to the LIVs that share from it (above: featurizer weights; below: computed features);
-- progress: best and median perplexity per generation, the baselines as lines;
-- front: perplexity against the second objective, the Pareto front and the baselines;
+- progress: best and median perplexity per generation at the first rung, the baselines as lines;
+- front: perplexity against the second objective, each point's budget marked, the front and the baselines;
 - confirmation: each confirmed model's perplexity at the search's budget and at the longer one.
 """
 import matplotlib
@@ -57,7 +57,8 @@ def architecture(genomes, path, title=None):
 
 
 def progress(evaluations, baselines, steps, path):
-    """Best and median perplexity of each generation's new candidates; baselines as lines."""
+    """Best and median perplexity of each generation's new candidates; baselines as lines: every
+    result at one budget, `steps` (the first rung's)."""
     generations = sorted({e["generation"] for e in evaluations})
     ppl = {g: [e["ppl"] for e in evaluations if e["generation"] == g and e["status"] == "ok"] for g in generations}
     kept = [g for g in generations if ppl[g]]
@@ -65,34 +66,45 @@ def progress(evaluations, baselines, steps, path):
     ax.plot(kept, [min(ppl[g]) for g in kept], "o-", label="best of the generation's new candidates")
     ax.plot(kept, [np.median(ppl[g]) for g in kept], "s--", label="median of them")
     ax.plot(kept, np.minimum.accumulate([min(ppl[g]) for g in kept]), ":", color="black", label="best so far")
-    for (name, b), color in zip(baselines.items(), ("tab:red", "tab:purple")):
+    for (name, b), color in zip(baselines.items(), ("tab:red", "tab:purple", "tab:brown")):
         if b["status"] == "ok":
             ax.axhline(b["ppl"], color=color, linewidth=1, label=f"baseline {name}")
     ax.set_xticks(kept)
-    ax.set_xlabel("generation (0: random genomes)"), ax.set_ylabel("validation perplexity")
-    ax.set_title(f"search progress ({steps} steps per candidate)", fontsize=9)
+    ax.set_xlabel("generation (0: the initial population)"), ax.set_ylabel("validation perplexity")
+    ax.set_title(f"search progress: every model after {steps} steps (the first rung)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def front(evaluations, baselines, front_entries, x_key, objective, path):
-    """Every candidate's perplexity against the second objective, the front as a step line."""
+RUNG_MARKERS = "o^sDvP"  # a point's budget: the rung it reached
+
+
+def front(evaluations, baselines, front_entries, x_key, objective, rungs, path):
+    """Every candidate's perplexity against the second objective at the highest rung it reached
+    (its marker), the front as a step line; each baseline at every rung (stars, budget beside)."""
     ok = [e for e in evaluations if e["status"] == "ok" and e.get(x_key) is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    points = ax.scatter([e[x_key] for e in ok], [e["ppl"] for e in ok], c=[e["generation"] for e in ok],
-                        cmap="viridis", s=18)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r, steps in enumerate(rungs):
+        at = [e for e in ok if e.get("rung", 0) == r]
+        points = ax.scatter([e[x_key] for e in at], [e["ppl"] for e in at], c=[e["generation"] for e in at],
+                            cmap="viridis", s=22, marker=RUNG_MARKERS[r % len(RUNG_MARKERS)], vmin=0,
+                            vmax=max([e["generation"] for e in ok] + [1]), label=f"candidates after {steps} steps")
     fig.colorbar(points, ax=ax, label="generation")
     f = sorted(front_entries, key=lambda e: e[x_key])
     ax.step([e[x_key] for e in f], [e["ppl"] for e in f], where="post", color="black", linewidth=1,
             label="front of the final population")
-    for name, b in baselines.items():
-        if b["status"] == "ok" and b.get(x_key) is not None:
-            ax.scatter([b[x_key]], [b["ppl"]], marker="*", s=160, label=f"baseline {name}", zorder=3)
+    for (name, results), color in zip(baselines.items(), ("tab:red", "tab:purple", "tab:brown")):
+        done = [b for b in results if b["status"] == "ok" and b.get(x_key) is not None]
+        ax.plot([b[x_key] for b in done], [b["ppl"] for b in done], "*:", color=color, ms=11, label=f"baseline {name}")
+        for b in done:
+            ax.annotate(str(rungs[b.get("rung", 0)]), (b[x_key], b["ppl"]), textcoords="offset points",
+                        xytext=(6, -2), fontsize=6, color=color)
     ax.set_xlabel(x_key.replace("_", " ")), ax.set_ylabel("validation perplexity")
-    ax.set_title(f"{objective}: every candidate, lower left is better", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"{objective}: each model at the highest rung it reached\n(the marker: its budget; a baseline's "
+                 "budget beside it); lower left is better", fontsize=8)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

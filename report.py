@@ -256,7 +256,7 @@ def top_section(r):
         extra += [("probe mean", lambda e: f"{1 - e['recall_error']:.2f}")]
     rows = []
     for label, e in [(f"#{i + 1} (gen {e['generation']})", e) for i, e in enumerate(r.top)] + \
-            [(f"baseline {name}", e) for name, e in r.baselines.items()]:
+            [(f"baseline {name}", baseline_top(r, name)) for name in r.baselines]:
         ok = e["status"] == "ok"
         bs = [baseline_at(r, n, e) for n in r.baselines]
         margins = [pct(e["ppl"], b["ppl"]) if ok and b and b["status"] == "ok" else "-" for b in bs]
@@ -359,13 +359,15 @@ def draw_figures(r):
     genomes = [("the search's choice", choice["genome"])] if choice else []
     genomes += [(name, b["genome"]) for name, b in r.baselines.items()]
     s = r.settings
+    first = [e for e in (r.trainings or r.evaluations) if e.get("rung", 0) == 0]  # one budget: the first rung's
     figures = {"architecture": lambda p: plots.architecture(genomes, p),
-               "progress": lambda p: plots.progress(r.evaluations, r.baselines, s["preset"]["steps"], p)}
-    if len(r.objectives) > 1:
-        figures["front"] = lambda p: plots.front(r.evaluations, r.baselines, r.top, r.objectives[1], s["objective"], p)
+               "progress": lambda p: plots.progress(first, r.baselines, s["preset"]["steps"], p)}
+    rungs = s.get("rungs", [s["preset"]["steps"]])
+    if len(r.objectives) > 1:  # each point at the highest rung it reached, its budget marked
+        figures["front"] = lambda p: plots.front(r.evaluations, baseline_rungs(r), r.top, r.objectives[1],
+                                                 s["objective"], rungs, p)
     key = r.objectives[0]
-    if len(r.confirmed) > 1:
-        rungs = s.get("rungs", [s["preset"]["steps"]])  # a point below the top rung says its budget
+    if len(r.confirmed) > 1:  # a point below the top rung says its budget
         points = [(c.label + ("" if c.search.get("rung", 0) == len(rungs) - 1 else steps_of(r, c.search)), c.kind,
                    c.search[key], [x[key] for x in c.runs]) for c in r.confirmed]
         rho = spearman(search_places(r.confirmed, key), [mean(c, key) for c in r.confirmed])
@@ -509,6 +511,18 @@ def fmt_mean(c, key):
 def baseline_at(r, name, e):
     """Baseline `name`'s result at the rung (budget) of result e, or None if not trained there."""
     return r.baselines[name] if not e.get("rung") else (r.rung_baselines or {}).get(name, {}).get(e["rung"])
+
+
+def baseline_top(r, name):
+    """Baseline `name` at the highest rung it reached with a result (where the search's best stand)."""
+    later = [e for _, e in sorted((r.rung_baselines or {}).get(name, {}).items()) if e and e["status"] == "ok"]
+    return later[-1] if later else r.baselines[name]
+
+
+def baseline_rungs(r):
+    """Every baseline's results, one per rung it trained at: what a figure sets beside candidates."""
+    return {name: [b] + [e for _, e in sorted((r.rung_baselines or {}).get(name, {}).items()) if e]
+            for name, b in r.baselines.items()}
 
 
 def steps_of(r, e):

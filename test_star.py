@@ -1656,6 +1656,30 @@ def test_compare_refuses_runs_it_cannot_pair_in_one_line(change, says, confirmed
     assert stop.value.code == 1 and err.count("\n") == 1 and says in err, err
 
 
+def test_report_and_figures_compare_models_at_one_budget_or_mark_it(tmp_path, monkeypatch):
+    """With rungs 3,6: the table's baselines at the top rung (they were at the first, under a title saying
+    the highest); progress.png at the first rung only; front.png each point with its rung, and every
+    baseline at every rung (issue 36, d)."""
+    pytest.importorskip("matplotlib")
+    import plots
+    evolve.main(search_args(tmp_path, "--objective", "quality-size", "--confirm-steps", "0", *RUNGS))
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| baseline")]
+    assert len(rows) == 3 and all("(6 steps)" in row for row in rows), rows
+    seen = {}
+    monkeypatch.setattr(plots, "progress", lambda evaluations, baselines, steps, path: seen.update(
+        progress=(evaluations, baselines, steps)))
+    monkeypatch.setattr(plots, "front", lambda evaluations, baselines, top, x, objective, rungs, path: seen.update(
+        front=(evaluations, baselines, rungs)))
+    monkeypatch.setattr(config, "write_file", lambda path, draw, what: draw(io.BytesIO()))
+    report.draw_figures(evolve.for_report(runs.Run.load(str(tmp_path))))
+    evaluations, baselines, steps = seen["progress"]
+    assert steps == 3 and {e["rung"] for e in evaluations} == {0} and {b["rung"] for b in baselines.values()} == {0}
+    assert len({e["key"] for e in evaluations}) == len(evaluations) > 0  # every candidate once, at 3 steps
+    evaluations, baselines, rungs = seen["front"]
+    assert rungs == [3, 6] and {e["rung"] for e in evaluations} == {0, 1}
+    assert all([b["rung"] for b in results] == [0, 1] for results in baselines.values())
+
+
 def test_confirmation_can_be_skipped(tmp_path):
     evolve.main(search_args(tmp_path, "--generations", "1", "--confirm-steps", "0"))
     state = json.loads((tmp_path / "checkpoint.json").read_text())
