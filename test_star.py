@@ -2407,12 +2407,28 @@ def test_short_convolution_is_channel_last_and_equals_conv1d():
 def test_every_variant_holds_each_class_alone_and_as_every_kind_of_follower():
     g = gn.every_variant()
     assert gn.validate(g) == []
-    seen = {(gn.lookup(row).name, gn.featurizer_leader(g, i) is not None, gn.feature_leader(g, i) is not None
-             and gn.FEATURE_SHARING[row[gn.FT_STRATEGY]]) for i, row in enumerate(g)}
+    seen = set(variants(g))
     for cls in gn.CATALOGUE:
         assert (cls.name, False, False) in seen and (cls.name, True, False) in seen
         for strategy in ("BV", "B", "CB"):
             assert ((cls.name, False, strategy) in seen) == (set(strategy) <= set(cls.groups)), (cls.name, strategy)
+
+
+def variants(g):
+    """Each LIV's variant: (class, follows a featurizer, the feature-sharing strategy it follows)."""
+    return [(gn.lookup(row).name, gn.featurizer_leader(g, i) is not None, gn.feature_leader(g, i) is not None
+             and gn.FEATURE_SHARING[row[gn.FT_STRATEGY]]) for i, row in enumerate(g)]
+
+
+def test_the_shares_of_every_variant_partition_it():
+    """every_variant(K, N) for K < N: each variant of the whole set in exactly one share (the
+    parallel warm-up's processes compile disjoint shares and miss none)."""
+    whole = variants(gn.every_variant())
+    assert len(set(whole)) == len(whole) == 102
+    for parts in (1, 2, 3, 8, len(gn.CATALOGUE)):
+        shares = [gn.every_variant(k, parts) for k in range(parts)]
+        assert all(gn.validate(g) == [] for g in shares)
+        assert sorted((v for g in shares for v in variants(g)), key=repr) == sorted(whole, key=repr), parts
 
 
 def failing_backend(where, graph_holds, forward_too=False):
