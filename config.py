@@ -311,6 +311,15 @@ def preset_from_args(args, name=None):
     return dataclasses.replace(PRESETS[preset_name(name or args.preset)], **overrides)
 
 
+def preset_flags(preset):
+    """The flags that give the preset back (preset_from_args's inverse): a child process's command line."""
+    flags = []
+    for f in dataclasses.fields(Preset):
+        flag, value = "--" + f.name.replace("_", "-"), getattr(preset, f.name)
+        flags += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+    return flags
+
+
 def resolve_device(name):
     """'auto' -> cuda when available, else cpu; a device this machine cannot provide is refused."""
     if name == "auto":

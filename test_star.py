@@ -2431,6 +2431,15 @@ def test_the_shares_of_every_variant_partition_it():
         assert sorted((v for g in shares for v in variants(g)), key=repr) == sorted(whole, key=repr), parts
 
 
+def test_preset_flags_give_the_preset_back():
+    """config.preset_flags is preset_from_args's inverse: a child process gets its parent's preset."""
+    parser = config.star_parser("")
+    for preset in [*config.PRESETS.values(), dataclasses.replace(TINY, lr=1.7e-4, decay=0.35, compile=True, seed=9)]:
+        for name in config.PRESETS:
+            args = parser.parse_args(["compile", "--preset", name, *config.preset_flags(preset)])
+            assert config.preset_from_args(args) == preset
+
+
 def failing_backend(where, graph_holds, forward_too=False):
     """An aot_autograd backend whose compiler raises for graphs holding an op (in the backward
     only, unless forward_too): a compiler failure of one class, without inductor's minutes."""
