@@ -84,7 +84,7 @@ LIMITS = {  # every number any command takes: (lowest, highest); a float bound m
     "prompt_len": (1, 1 << 20), "decode_tokens": (1, 1 << 20), "batch": (1, 1 << 20), "max_len": (2, 1 << 20),
     "peak_tflops": (1e-3, 1e7), "confirm_steps": (0, INT_MAX), "confirm_top": (1, 1 << 10), "genomes": (1, 1 << 16),
     "confirm_seeds": (1, 1 << 10), "rank_check": (0, 1 << 10), "confirm_n_livs": (1, 1 << 12),
-    "confirm_width": (2, 1 << 16), "lease": (1.0, 1e6), "eta": (2, 1 << 10),
+    "confirm_width": (2, 1 << 16), "lease": (1.0, 1e6), "eta": (2, 1 << 10), "jobs": (1, 64),
 }
 
 
@@ -311,6 +311,29 @@ def preset_from_args(args, name=None):
     return dataclasses.replace(PRESETS[preset_name(name or args.preset)], **overrides)
 
 
+def preset_flags(preset):
+    """The flags that give the preset back (preset_from_args's inverse): a child process's command line."""
+    flags = []
+    for f in dataclasses.fields(Preset):
+        flag, value = "--" + f.name.replace("_", "-"), getattr(preset, f.name)
+        flags += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+    return flags
+
+
+def compile_jobs():
+    """The default processes of the parallel warm-up (star.warm_up): half the CPUs, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
+def share(text):
+    """The argparse type of --part K/N: (K, N) with 0 <= K < N <= the catalogue's classes."""
+    k, _, n = text.partition("/")
+    classes = len(gn.CATALOGUE)
+    if not (k.isascii() and k.isdigit() and n.isascii() and n.isdigit() and int(k) < int(n) <= classes):
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 0 <= K < N <= {classes}, the catalogue's classes")
+    return int(k), int(n)
+
+
 def resolve_device(name):
     """'auto' -> cuda when available, else cpu; a device this machine cannot provide is refused."""
     if name == "auto":
@@ -386,8 +409,12 @@ def star_parser(description):
     p.add_argument("--n-livs", type=number("n_livs"), required=True, help="the new depth, a multiple of the genome's")
     p.add_argument("--how", choices=["stack", "stretch"], default="stack", help="Composer's two extrapolations")
     p.add_argument("--out", help="write the genome to this JSON file (default: print it)")
-    command("compile", "compile every residual-block variant of the catalogue once, print how many graphs that is",
-            genome=False)
+    p = command("compile", "compile every residual-block variant of the catalogue once, print how many graphs that is",
+                genome=False)
+    p = p.add_mutually_exclusive_group()
+    p.add_argument("--jobs", type=number("jobs"), help="processes compiling shares of the variants into the cache "
+                   f"first, then this one loads them all (default: half the CPUs, at most 8: {compile_jobs()})")
+    p.add_argument("--part", type=share, metavar="K/N", help="compile one share of the variants (share K of N)")
     return parser
 
 

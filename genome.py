@@ -280,12 +280,15 @@ def scale(genome, n_livs, how):
     return out
 
 
-def every_variant():
+def every_variant(part=0, parts=1):
     """A genome holding every residual-block variant once: each class on its own, as a follower of
     a featurizer, and as a follower of each feature-sharing strategy it supports. A block's compiled
-    graph depends only on its variant, so this is the whole set a search can meet (star.warm_up)."""
+    graph depends only on its variant, so this is the whole set a search can meet (star.warm_up).
+    part of parts: the classes c with (c - 1) % parts == part, a share for one process (ours)."""
     rows = []
     for c, cls in enumerate(CATALOGUE, start=1):
+        if (c - 1) % parts != part:
+            continue
         lead = len(rows) + 1
         rows += [[c, lead, 2, lead, 2], [c, lead, 2, lead + 1, 1]]  # leader; a featurizer follower
         rows += [[c, len(rows) + 1, 1, lead, s] for s, groups in FEATURE_SHARING.items()

@@ -5,7 +5,7 @@
     python star.py sample --checkpoint model.pt [--prompt TEXT] [--tokens N]
     python star.py probe  (--genome G | --baseline NAME) [--tasks recall,selective_copy]
     python star.py scale  --genome G --n-livs N --how stack|stretch [--out scaled.json]
-    python star.py compile [--preset gpu]    # warm the compile cache: every block variant, once
+    python star.py compile [--preset gpu] [--jobs N]  # warm the compile cache: every block variant, once
 
 G is a genome JSON file or the compact form (genome.to_compact). A model is the paper's fixed
 wrapper around the evolved backbone: embedding, x = x + LIV(RMSNorm(x)) per LIV, final RMSNorm,
@@ -18,7 +18,9 @@ import gzip
 import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import zlib
 
@@ -209,22 +211,49 @@ def compile_error(e):
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
-def warm_up(preset, source, device="cpu", log=None):
+def warm_up(preset, source, device="cpu", log=None, jobs=1, part=(0, 1)):
     """Compile every residual-block variant of the catalogue once (genome.every_variant, one
     training step on the data source) so that no candidate of a search compiles anything. A
     variant that fails to compile is named in a warning, and its class runs eagerly (guarded); a
     failure that names no variant stops the warm-up with one line (ValueError). The last line
-    gives the graphs and the eager classes. Returns (graphs compiled, seconds)."""
+    gives the graphs and the eager classes. jobs > 1: compile_shares first (ours). part: one
+    share (K, N) only. Returns (graphs compiled, seconds)."""
     from torch._dynamo.utils import counters
+    jobs = min(jobs, len(gn.CATALOGUE))  # a share holds one class at least
+    parallel = compile_shares(preset, source, device, jobs) if jobs > 1 else 0.0
     before, start = counters["stats"]["unique_graphs"], time.perf_counter()
-    g = gn.every_variant()
+    g = gn.every_variant(*part)
     result = train_candidate(g, source, dataclasses.replace(preset, n_livs=len(g), steps=1, eval_batches=1), device)
     graphs, seconds = counters["stats"]["unique_graphs"] - before, time.perf_counter() - start
     if result["status"] != "ok":
         raise ValueError(f"the compile warm-up failed ({result.get('error')}); run with --no-compile")
-    log and log(f"compiled the catalogue's {len(g)} LIV variants: {graphs} graphs in {seconds:.1f} s; "
+    log and log(f"compiled the catalogue's {len(g)} LIV variants: {graphs} graphs in {seconds:.1f} s"
+                f"{f' after {jobs} processes in {parallel:.1f} s' if jobs > 1 else ''}; "
                 f"eager: {', '.join(sorted(EAGER)) or 'none'}")
-    return graphs, seconds
+    return graphs, parallel + seconds
+
+
+def compile_shares(preset, source, device, jobs):
+    """Fill the disk cache in `jobs` processes at once, share K compiled by `star.py compile --part
+    K/jobs`, so that the warm-up after them loads each graph's code rather than generating it (ours:
+    one process took 8-12 minutes cold on an H200). A share that fails is a warning line: the
+    warm-up after it compiles what it missed. Returns the seconds."""
+    configure_compile()  # the cache directory the children inherit
+    argv = [sys.executable, os.path.abspath(__file__), "compile", *config.preset_flags(preset), "--data",
+            source.path, "--vocab-size", str(source.vocab_size), "--device", str(device)]
+    env, start = {**os.environ, "STAR_COMPILE_BACKEND": COMPILE_BACKEND}, time.perf_counter()
+    children = []
+    for k in range(jobs):
+        err = tempfile.TemporaryFile()  # read back only if the share fails
+        children.append((err, subprocess.Popen(argv + ["--part", f"{k}/{jobs}"], stdout=subprocess.DEVNULL,
+                                               stderr=err, env=env)))
+    for k, (err, child) in enumerate(children):
+        if child.wait():
+            err.seek(0)
+            last = (err.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1][:200]
+            print(f"warning: compile share {k}/{jobs} failed ({last}); the warm-up compiles it here", file=sys.stderr)
+        err.close()
+    return time.perf_counter() - start
 
 
 def build_model(genome, preset, vocab_size=256):
@@ -646,7 +675,8 @@ def compile_command(args):
     preset = config.check_preset(dataclasses.replace(config.preset_from_args(args), compile=True))
     device = config.resolve_device(args.device)
     corpus = Corpus(args.data, args.vocab_size).check(preset)
-    graphs, _ = warm_up(preset, corpus, device, log=lambda s: print(s, flush=True))
+    jobs = 1 if args.part else args.jobs or config.compile_jobs()
+    graphs, _ = warm_up(preset, corpus, device, lambda s: print(s, flush=True), jobs, args.part or (0, 1))
     print(f"compiled code is cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
     if not graphs:
         config.fail("no graph was compiled (the compile backend failed: see above)")

@@ -1088,6 +1088,10 @@ BAD_INPUTS += [  # the surfaces added later (issue 20): probe, scale, show --plo
     ("star.py", ["sample", "--checkpoint", "{bad}", "--prompt", ""]), ("star.py", T + ["--device", ""]),
     ("star.py", T + ["--preset", ""]), ("star.py", ["compile", "--width", "63"]),
     ("star.py", ["compile", "--data", "nowhere.txt"]), ("star.py", ["compile", "--device", "tpu"]),
+    ("star.py", ["compile", "--part", "2/2"]), ("star.py", ["compile", "--part", "1"]),
+    ("star.py", ["compile", "--part", "-1/2"]), ("star.py", ["compile", "--part", "0/22"]),
+    ("star.py", ["compile", "--part", "0/x"]), ("star.py", ["compile", "--jobs", "0"]),
+    ("star.py", ["compile", "--jobs", "65"]), ("star.py", ["compile", "--jobs", "2", "--part", "0/2"]),
     ("evolve.py", ["--objective", ""]), ("evolve.py", ["--out", ""]), ("evolve.py", ["--data", ""]),
     ("evolve.py", ["--resume", ""]), ("evolve.py", ["--device", ""]), ("evolve.py", ["--mutation", ""]),
     ("evolve.py", ["--vocab-size", ""]), ("evolve.py", ["--confirm-seeds", "0"]),
@@ -2485,12 +2489,70 @@ def test_short_convolution_is_channel_last_and_equals_conv1d():
 def test_every_variant_holds_each_class_alone_and_as_every_kind_of_follower():
     g = gn.every_variant()
     assert gn.validate(g) == []
-    seen = {(gn.lookup(row).name, gn.featurizer_leader(g, i) is not None, gn.feature_leader(g, i) is not None
-             and gn.FEATURE_SHARING[row[gn.FT_STRATEGY]]) for i, row in enumerate(g)}
+    seen = set(variants(g))
     for cls in gn.CATALOGUE:
         assert (cls.name, False, False) in seen and (cls.name, True, False) in seen
         for strategy in ("BV", "B", "CB"):
             assert ((cls.name, False, strategy) in seen) == (set(strategy) <= set(cls.groups)), (cls.name, strategy)
+
+
+def variants(g):
+    """Each LIV's variant: (class, follows a featurizer, the feature-sharing strategy it follows)."""
+    return [(gn.lookup(row).name, gn.featurizer_leader(g, i) is not None, gn.feature_leader(g, i) is not None
+             and gn.FEATURE_SHARING[row[gn.FT_STRATEGY]]) for i, row in enumerate(g)]
+
+
+def test_the_shares_of_every_variant_partition_it():
+    """every_variant(K, N) for K < N: each variant of the whole set in exactly one share (the
+    parallel warm-up's processes compile disjoint shares and miss none)."""
+    whole = variants(gn.every_variant())
+    assert len(set(whole)) == len(whole) == 102
+    for parts in (1, 2, 3, 8, len(gn.CATALOGUE)):
+        shares = [gn.every_variant(k, parts) for k in range(parts)]
+        assert all(gn.validate(g) == [] for g in shares)
+        assert sorted((v for g in shares for v in variants(g)), key=repr) == sorted(whole, key=repr), parts
+
+
+def test_preset_flags_give_the_preset_back():
+    """config.preset_flags is preset_from_args's inverse: a child process gets its parent's preset."""
+    parser = config.star_parser("")
+    for preset in [*config.PRESETS.values(), dataclasses.replace(TINY, lr=1.7e-4, decay=0.35, compile=True, seed=9)]:
+        for name in config.PRESETS:
+            args = parser.parse_args(["compile", "--preset", name, *config.preset_flags(preset)])
+            assert config.preset_from_args(args) == preset
+
+
+def test_compile_with_jobs_traces_as_many_graphs_as_one_process(tmp_path):
+    """star.py compile --jobs 2 (dynamo's eager backend, tiny sizes): two processes compile their
+    shares, then the warm-up in the command's own process traces as many graphs as a warm-up
+    alone (the count does not grow), and no share fails."""
+    env = {**os.environ, "STAR_COMPILE_BACKEND": "eager", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    sizes = ["--preset", "tiny", "--width", "16", "--heads", "2", "--seq-len", "16", "--batch-size", "2",
+             "--eval-batches", "1", "--device", "cpu"]
+    counts = []
+    for jobs in ("1", "2"):
+        proc = subprocess.run([sys.executable, "star.py", "compile", "--jobs", jobs, *sizes], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+        counts.append(int(re.search(r"LIV variants: (\d+) graphs in [\d.]+ s(.*);", proc.stdout).group(1)))
+    assert counts[0] == counts[1] > 0 and "after 2 processes in" in proc.stdout, proc.stdout
+
+
+def test_a_share_that_fails_is_a_warning_and_the_warm_up_compiles_it(corpus, monkeypatch, capsys):
+    """Children that refuse their command line (one line, exit 1): one warning per share, quoting
+    its error, and the warm-up in this process compiles every variant itself."""
+    import torch._dynamo
+    for name, value in (("COMPILE_BACKEND", "eager"), ("COMPILED", {}), ("EAGER", {})):
+        monkeypatch.setattr(star, name, value)
+    monkeypatch.setattr(config, "preset_flags", lambda preset: ["--width", "63"])
+    torch._dynamo.reset()
+    preset = dataclasses.replace(config.PRESETS["tiny"], width=16, heads=2, seq_len=16, batch_size=2, eval_batches=1,
+                                 compile=True)
+    graphs, _ = star.warm_up(preset, corpus, "cpu", jobs=2)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert [w.split(" (")[0] for w in warnings] == [f"warning: compile share {k}/2 failed" for k in range(2)], warnings
+    assert all("error: --width 63" in w for w in warnings) and graphs > 0, warnings
+    torch._dynamo.reset()
 
 
 def failing_backend(where, graph_holds, forward_too=False):
