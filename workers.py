@@ -43,7 +43,8 @@ class Evaluator:
         self.corpus = star.Corpus(settings["data"], settings["vocab_size"]).check(self.preset)  # read once
         self.device, self.log, self.out = device, log, out
         if self.preset.compile:  # every block variant now, so that no candidate compiles one
-            star.warm_up(self.preset, self.corpus, device, log, jobs=config.compile_jobs())
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # under torchrun, every process warms up: share the CPUs
+            star.warm_up(self.preset, self.corpus, device, log, jobs=max(1, config.compile_jobs() // local))
         self.latency = settings["objective"] == "quality-latency"
         self.probe_stages = {kind for kind, wanted in (("search", settings["probes"]),
                                                          ("confirm", settings["objective"] == "recall")) if wanted}
