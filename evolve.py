@@ -350,8 +350,10 @@ def confirmation_tasks(run):
 
 
 def finalist_count(s):
-    """How many models the confirmation retrains per seed: the top, the rank check, the baselines."""
-    return s["confirm_top"] + s["rank_check"] + len(config.SEARCH_BASELINES)
+    """How many models the confirmation retrains per seed: the top (on a front, also its end for each
+    baseline: at most), the rank check, the baselines."""
+    ends = len(config.SEARCH_BASELINES) if len(config.OBJECTIVES[s["objective"]]) > 1 else 0
+    return s["confirm_top"] + ends + s["rank_check"] + len(config.SEARCH_BASELINES)
 
 
 def confirmation_seeds(s):
@@ -377,12 +379,15 @@ def confirmed_result(run, compact, stage, seed):
 
 
 def finalists(run):
-    """The search entries to confirm: the top K distinct candidates (one objective) or K spread
-    along the front from its lowest perplexity (several); then the rank check, R candidates spread
-    from just below the top to the bottom of the search's ranking; then the baselines."""
+    """The search entries to confirm: the top K distinct candidates (one objective), or along the
+    front (several) its lowest perplexity, for each baseline the smallest member level with it or
+    better in the search (front_ends), and K - 1 spread between; then the rank check, R candidates
+    spread from just below the top to the bottom of the search's ranking; then the baselines."""
     table, k = final_table(run), run.settings["confirm_top"]
-    if len(config.OBJECTIVES[run.settings["objective"]]) > 1 and len(table) > k:
-        table = [table[i] for i in sorted(set(np.linspace(0, len(table) - 1, k).round().astype(int)))]
+    if len(config.OBJECTIVES[run.settings["objective"]]) > 1:
+        spread = [table[i] for i in sorted(set(np.linspace(0, len(table) - 1, k).round().astype(int)))] if table else []
+        table = list({e["key"]: e for e in table[:1] + front_ends(run, table) + spread}.values())
+        k = len(table)
     rest, r = [e for e in ranking(run) if e["key"] not in {t["key"] for t in table[:k]}], run.settings["rank_check"]
     checks = [rest[i] for i in sorted(set(np.linspace(0, len(rest) - 1, r).round().astype(int)))] \
         if rest and r else []
@@ -392,6 +397,19 @@ def finalists(run):
     for kind, e in chosen:  # a model chosen twice (a candidate that is a baseline) is confirmed once
         first.setdefault(e["key"], (kind, e))
     return list(first.values())
+
+
+def front_ends(run, front):
+    """For each baseline, the front member with the smallest second objective whose perplexity is
+    level with the baseline's at the same rung, or better (ours: the cache or size claim of the paper)."""
+    key, ends = config.OBJECTIVES[run.settings["objective"]][1], []
+    for name in config.SEARCH_BASELINES:
+        rungs = run.settings["rungs"]
+        at = {0: run.baselines.get(name), **{r: run.baselines.get(f"{name}@{b}") for r, b in enumerate(rungs[1:], 1)}}
+        level = [e for e in front if at.get(e["rung"]) and at[e["rung"]]["status"] == "ok" and e.get(key) is not None
+                 and e["ppl"] <= at[e["rung"]]["ppl"]]
+        ends += [min(level, key=lambda e: e[key])] if level else []
+    return ends
 
 
 def top_rung_baseline(run, name):

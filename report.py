@@ -166,7 +166,28 @@ def verdict(r):
                      else f"level with {b.label} ({fmt_margin(d, lo, hi, key)}, " +
                      ("inside its interval)" if lo is not None else "one seed: not resolved)"))
     return first + (f"; judged on seeds the search never used, {choice.label} is " + ", ".join(parts)
-                    if parts else "") + "."
+                    if parts else "") + "." + "".join(" " + line for line in size_verdict(r, evolved))
+
+
+def size_verdict(r, evolved):
+    """Several objectives: per baseline, the confirmed candidate with the smallest second objective
+    that is level with the baseline or better (not behind beyond the paired interval), and how much
+    smaller it is."""
+    if len(r.objectives) < 2:
+        return []
+    key, second, lines = r.objectives[0], r.objectives[1], []
+    for b in (c for c in r.confirmed if c.kind == "baseline"):
+        level = [(c, margin(c, b, key)) for c in evolved if c.search.get(second) is not None]
+        level = [(c, m) for c, m in level if not (called(m[1], m[2]) and m[0] > 0)]
+        if not level:
+            lines.append(f"No confirmed candidate is level with {b.label} or better.")
+            continue
+        c, m = min(level, key=lambda x: x[0].search[second])
+        ratio = b.search[second] / max(c.search[second], 1)
+        lines.append(f"Against {b.label}: {c.label} has {c.search[second]:,} {second.replace('_', ' ')} against "
+                     f"{b.search[second]:,} ({f'{ratio:.1f}x smaller' if ratio >= 1 else f'{1 / ratio:.1f}x larger'}) "
+                     f"at {fmt_margin(*m, key)} {key}.")
+    return lines
 
 
 def rule_line(seeds):

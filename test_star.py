@@ -1402,7 +1402,8 @@ def test_time_left_counts_confirmation_models_without_their_probes():
     which 6 s probing. Left: 154 search steps at 1 s, the confirmation at 0.4 s a step."""
     from types import SimpleNamespace
     entry = {"seconds": 10.0, "measure_seconds": 6.0, "steps_trained": 10}
-    settings = {"generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3, "rungs": [10, 20], "eta": 2,
+    settings = {"objective": "quality", "generations": 2, "population": 4, "confirm_steps": 40, "confirm_top": 3,
+                "rungs": [10, 20], "eta": 2,
                 "confirm_seeds": 2, "rank_check": 1, "confirm_n_livs": None, "confirm_width": None,
                 "preset": dataclasses.asdict(dataclasses.replace(TINY, steps=10, warmup=1, n_livs=4, width=16))}
     run = SimpleNamespace(evaluations=[entry], baselines={b: entry for b in config.SEARCH_BASELINES}, confirmed={},
@@ -1682,6 +1683,23 @@ def test_report_and_figures_compare_models_at_one_budget_or_mark_it(tmp_path, mo
     evaluations, baselines, rungs = seen["front"]
     assert rungs == [3, 6] and {e["rung"] for e in evaluations} == {0, 1}
     assert all([b["rung"] for b in results] == [0, 1] for results in baselines.values())
+
+
+def test_the_confirmation_of_a_front_spreads_over_it(tmp_path):
+    """quality-cache: besides the front's lowest perplexity, for each baseline the front member with
+    the smallest cache whose perplexity is level with the baseline's (same rung) or better is
+    confirmed, and the verdict says how much smaller the confirmed model is (issue 36, h)."""
+    evolve.main(search_args(tmp_path, "--objective", "quality-cache", "--confirm-steps", "3", "--confirm-seeds", "2",
+                            "--rank-check", "0", "--generations", "1"))
+    run = runs.Run.load(str(tmp_path))
+    front, at = evolve.final_table(run), {n: run.baselines[n] for n in config.SEARCH_BASELINES}
+    expected = {front[0]["key"]} | {min((e for e in front if e["ppl"] <= b["ppl"]), key=lambda e: e["cache_bytes"])["key"]
+                                    for b in at.values() if b["status"] == "ok" and any(e["ppl"] <= b["ppl"] for e in front)}
+    confirmed = {e["key"] for kind, e in evolve.finalists(run) if kind == "top"}
+    assert expected <= confirmed and len(expected) >= 1
+    assert confirmed <= {e["key"] for e in front}
+    text = (tmp_path / "report.md").read_text()
+    assert text.count("Against ") + text.count("No confirmed candidate is level with") == 3
 
 
 def test_confirmation_can_be_skipped(tmp_path):
