@@ -760,6 +760,31 @@ def test_priors_draw_the_class_gene():
     assert 0.44 < np.mean([(m[:, gn.CLASS] == gn.CLASS_INDEX["GMemless"]).mean() for m in mutants]) < 0.56
 
 
+def test_curve_analysis_costs_and_simulated_searches_against_hand_worked_cases():
+    """The analysis's compute equals the search's plan (evolve.planned_steps, less the baselines); a
+    simulated search keeps the top 1/eta by its signal: the raw first rung drops the late bloomer a,
+    a signal that knows a's late gain keeps it; the late gain predicted leave one out is exact for
+    gains linear in the composition."""
+    sys.path.insert(0, "data")
+    import curves
+    s = {"objective": "quality", "population": 27, "generations": 1, "eta": 3, "rungs": [120, 400, 1200],
+         "confirm_steps": 0, "confirm_top": 1, "confirm_seeds": 1, "rank_check": 0, "confirm_n_livs": None,
+         "confirm_width": None, "preset": dataclasses.asdict(config.PRESETS["tiny"])}
+    baselines = 3 * sum(b - start for b, start in zip((120, 400, 1200), (0, 96, 320)))
+    assert curves.cost((120, 400, 1200), 3, 27) == evolve.planned_steps(s)[0] - baselines
+    models = {"a": {"ppl": {120: 9.0, 1200: 4.0}}, "b": {"ppl": {120: 8.0, 1200: 5.0}}}
+    rng = np.random.default_rng(0)
+    raw = lambda k, b: models[k]["ppl"][b]  # noqa: E731
+    assert curves.simulate(models, ["a", "b"], (120, 1200), 2, 2, raw, rng) == pytest.approx(math.log(5.0))
+    knows = lambda k, b: models[k]["ppl"][1200]  # noqa: E731
+    assert curves.simulate(models, ["a", "b"], (120, 1200), 2, 2, knows, rng) == pytest.approx(math.log(4.0))
+    genomes = [gn.to_compact(gn.random_genome(8, np.random.default_rng(i))) for i in range(30)]
+    gain = {k: 0.3 * curves.composition(k)[0] - 0.1 * curves.composition(k)[1] + 0.05 for k in genomes}
+    table = {k: {"ppl": {b: 5.0 * math.exp(gain[k] if b == 120 else 0.0) for b in curves.BUDGETS}} for k in genomes}
+    predicted = curves.late_gain_loo(table, 120, ridge=1e-9)
+    assert max(abs(predicted[k] - gain[k]) for k in genomes) < 1e-6
+
+
 def test_curve_table_genomes_are_distinct_and_interleaved():
     sys.path.insert(0, "data")
     import curves

@@ -14,6 +14,7 @@ budget's seed noise. Results are written after every model, so a killed build co
 """
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import config  # noqa: E402
 import genome as gn  # noqa: E402
+import report  # noqa: E402
 import star  # noqa: E402
 
 BUDGETS = (60, 120, 240, 400, 800, 1200)
@@ -67,6 +69,132 @@ def curve(g, corpus, preset, log):
     return results, r
 
 
+# ---------------------------------------------------------------------------------------------
+# The analysis: how well a first cut predicts the target (issue 36, items 2 and 3)
+
+TARGET = 1200
+FAMILIES = ("gated", "attention", "sliding", "recurrence", "delta", "short_conv", "long_conv")
+
+
+def complete(table, seed=0):
+    """The models trained through every budget under this seed: {compact: {source, ppl: {budget: ppl}, ...}}."""
+    out = {}
+    for e in table.values():
+        ppl = {int(b): r["ppl"] for b, r in e["budgets"].items() if r["status"] == "ok"}
+        if e["seed"] == seed and all(b in ppl for b in BUDGETS):
+            out[e["genome"]] = {**e, "ppl": ppl}
+    return out
+
+
+def composition(compact):
+    """A genome's features: the share of its LIVs in each family, and of differential ones."""
+    classes = [gn.lookup(row) for row in gn.from_compact(compact)]
+    return np.array([np.mean([c.family == f for c in classes]) for f in FAMILIES] + [np.mean([c.diff for c in classes])])
+
+
+def late_gain_loo(models, budget, ridge=1.0):
+    """Each model's predicted log(ppl at budget / ppl at the target) from its composition, by a ridge
+    regression fitted on every other model (leave one out: never judged on a model it was fitted on)."""
+    keys = list(models)
+    X = np.stack([composition(k) for k in keys])  # (n, features)
+    y = np.array([math.log(models[k]["ppl"][budget] / models[k]["ppl"][TARGET]) for k in keys])  # (n,)
+    predicted = {}
+    for i, k in enumerate(keys):
+        rest = np.arange(len(keys)) != i
+        mu, sd = X[rest].mean(0), X[rest].std(0) + 1e-9
+        Z = (X[rest] - mu) / sd
+        w = np.linalg.solve(Z.T @ Z + ridge * np.eye(Z.shape[1]), Z.T @ (y[rest] - y[rest].mean()))
+        predicted[k] = float(y[rest].mean() + ((X[i] - mu) / sd) @ w)
+    return predicted
+
+
+def signals(models):
+    """The first-cut signals, each a function (model, budget) -> a score (lower is better): the raw
+    result at the budget, and the result less its predicted late gain (composition, leave one out)."""
+    gains = {b: late_gain_loo(models, b) for b in BUDGETS[:-1]}
+    return {"raw": lambda k, b: math.log(models[k]["ppl"][b]),
+            "composition": lambda k, b: math.log(models[k]["ppl"][b]) - (gains[b][k] if b != TARGET else 0.0)}
+
+
+def cost(rungs, eta, n):
+    """Candidate-steps of successive halving over n models: each rung's share continued from the decay of
+    the rung below (star.decay_start at the default 20% decay), as the search plans it."""
+    kept = [0] + [b - round(0.2 * b) for b in rungs[:-1]]
+    return sum(n // eta ** r * (b - start) for r, (b, start) in enumerate(zip(rungs, kept)))
+
+
+def simulate(models, pool, rungs, eta, n, score, rng):
+    """One search: n models drawn from pool, the top 1/eta of each rung by score continue, the choice
+    the best at the target by its result there. Its log-ppl at the target."""
+    alive = list(rng.choice(pool, size=min(n, len(pool)), replace=False))
+    for r, b in enumerate(rungs[:-1]):
+        alive = sorted(alive, key=lambda k: score(k, b))[: max(1, len(alive) // eta)]
+    return min(math.log(models[k]["ppl"][TARGET]) for k in alive)
+
+
+RULES = [  # (name, rungs, eta, signal at the cuts)
+    ("120,400,1200 raw (today)", (120, 400, 1200), 3, "raw"),
+    ("60,240,1200 raw", (60, 240, 1200), 3, "raw"),
+    ("240,800,1200 raw", (240, 800, 1200), 3, "raw"),
+    ("400,1200 raw", (400, 1200), 3, "raw"),
+    ("120,400,1200 composition", (120, 400, 1200), 3, "composition"),
+    ("60,240,1200 composition", (60, 240, 1200), 3, "composition"),
+]
+
+
+def analyse(table, draws=1000, reference=27, seed=0):
+    """The report of items 2 and 3 as markdown lines."""
+    models = complete(table)
+    mamba = math.log(models[gn.to_compact(gn.baseline("striped-mamba", 8))]["ppl"][TARGET])
+    keys = list(models)
+    lines = [f"{len(models)} models through every budget (seed 0); Spearman of each budget's order with {TARGET} steps:", ""]
+    lines += ["| budget | rho, raw | rho, composition (leave one out) | transformer++, striped-mamba, striped-hyena: rank |",
+              "|---|---|---|---|"]
+    sig = signals(models)
+    hybrids = [gn.to_compact(gn.baseline(name, 8)) for name in gn.BASELINES]
+    for b in BUDGETS[:-1]:
+        raw = [sig["raw"](k, b) for k in keys]
+        place = {k: 1 + sorted(raw).index(sig["raw"](k, b)) for k in hybrids if k in models}
+        lines.append(f"| {b} | {report.spearman(raw, [models[k]['ppl'][TARGET] for k in keys]):.2f} | "
+                     f"{report.spearman([sig['composition'](k, b) for k in keys], [models[k]['ppl'][TARGET] for k in keys]):.2f} | "
+                     + ", ".join(f"{place.get(h, '-')}" for h in hybrids) + f" of {len(keys)} |")
+    lines += ["", f"Simulated searches ({draws} draws each, at the compute of {reference} models under today's rule; "
+              "the choice against StripedMamba at 1,200 steps, seed 0):", "",
+              "| rule | models drawn | mean margin | 10th-90th percentile | beats StripedMamba |", "|---|---|---|---|---|"]
+    pool = [k for k in keys if models[k]["source"] != "hybrid"]
+    budget = cost((120, 400, 1200), 3, reference)
+    for name, rungs, eta, signal in RULES:
+        n = max(k for k in range(1, len(pool) + 1) if cost(rungs, eta, k) <= budget) if cost(rungs, eta, 1) <= budget else 1
+        rng = np.random.default_rng(seed)
+        margins = np.array([simulate(models, pool, rungs, eta, n, sig[signal], rng) - mamba for _ in range(draws)])
+        pct = lambda x: f"{100 * (math.exp(x) - 1):+.1f}%"  # noqa: E731
+        lines.append(f"| {name} | {n} | {pct(margins.mean())} | {pct(np.percentile(margins, 10))} to "
+                     f"{pct(np.percentile(margins, 90))} | {100 * np.mean(margins < 0):.0f}% |")
+    lines += ["", "Priors: the share of each kind's models below StripedMamba at 1,200 steps, and their spread:", "",
+              "| genomes | n | below StripedMamba | median margin | 10th-90th percentile |", "|---|---|---|---|---|"]
+    for source in ("random", "balanced", "mutant"):
+        m = np.array([math.log(models[k]["ppl"][TARGET]) - mamba for k in keys if models[k]["source"] == source])
+        if len(m):
+            lines.append(f"| {source} | {len(m)} | {100 * np.mean(m < 0):.0f}% | {100 * (math.exp(np.median(m)) - 1):+.1f}% | "
+                         f"{100 * (math.exp(np.percentile(m, 10)) - 1):+.1f}% to {100 * (math.exp(np.percentile(m, 90)) - 1):+.1f}% |")
+    return lines + noise_lines(table)
+
+
+def noise_lines(table):
+    """Each budget's seed noise: the sd over models of the per-model log-ppl difference between the
+    two seeds, against the spread between models."""
+    both = [(a, complete(table, 1)[k]) for k, a in complete(table).items() if k in complete(table, 1)]
+    if len(both) < 3:
+        return []
+    lines = ["", f"Seed noise ({len(both)} models under seeds 0 and 1): per budget, the sd of a model's log-ppl "
+             "between seeds against the sd between models:", ""]
+    for b in BUDGETS:
+        d = [math.log(x["ppl"][b]) - math.log(y["ppl"][b]) for x, y in both]
+        spread = np.std([math.log(x["ppl"][b]) for x, _ in both], ddof=1)
+        lines.append(f"- {b} steps: {100 * np.std(d, ddof=1) / math.sqrt(2):.2f}% per seed; between models {100 * spread:.1f}%")
+    return lines
+
+
 def main(argv=None):
     p = config.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="the table (JSON; read first: a killed build continues)")
@@ -75,8 +203,17 @@ def main(argv=None):
     p.add_argument("--balanced", type=config.number("population"), default=12, help="genomes under the balanced prior")
     p.add_argument("--mutants", type=config.number("population"), default=9, help="mutants of the hybrids")
     p.add_argument("--second-seed", type=config.number("population"), default=16, help="models also under seed 1")
+    p.add_argument("--seeds", default="0,1", help="the training seeds this process builds (0, 1 or both): two "
+                   "processes may build a table's two seeds into two files")
     p.add_argument("--threads", type=config.number("threads"), default=2)
+    p.add_argument("--analyse", action="store_true", help="print the analysis of the table in --out; train nothing")
     args = p.parse_args(argv)
+    if args.analyse:
+        try:
+            table = gn.read_json(args.out, "curve table")
+        except ValueError as e:
+            config.fail(str(e))
+        return print("\n".join(analyse(table)))
     try:
         config.output_file(args.out, "curve table")
         done = gn.read_json(args.out, "curve table") if os.path.exists(args.out) else {}
@@ -90,6 +227,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     models = genomes(preset.n_livs, args.genome_seed, args.random, args.balanced, args.mutants)
     jobs = [(0, m) for m in models] + [(1, m) for m in models[:args.second_seed]]
+    jobs = [(seed, m) for seed, m in jobs if str(seed) in args.seeds.split(",")]
     for i, (seed, (source, g)) in enumerate(jobs):
         key = f"{seed}/{gn.to_compact(g)}"
         if key in done:
