@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import sys
@@ -428,6 +429,10 @@ def suite_commands(args):
     ]
 
 
+BARE_PLAN = ("import evolve, runs; s = runs.settings_from_args(runs.parse_args(['--preset', 'gpu']), print); "
+             "print('bare gpu search plan: %d trainings, %d steps, %d tokens' % evolve.planned_compute(s))")
+
+
 def device_plan(args):
     """The GPU path in two calls of at most 8 minutes on a fresh H200 (issue 37): --only warmup,search
     (the cold warm-up, then a 3-candidate, one-rung gpu search from the warm cache), then --only
@@ -445,6 +450,7 @@ def device_plan(args):
         ("warmup", star_py + ["compile", "--preset", "gpu"] + sizes + (["--device", "cpu"] if smoke else []), 300),
         ("search", evolve_py + ["--preset", "gpu", "--population", "3", "--generations", "1", "--confirm-steps",
                                 "0", "--out", os.path.join(args.out, "search")] + rung + sizes, 170),
+        ("search", [sys.executable, "-c", BARE_PLAN], 60),  # the bare gpu search's tokens, for its hours
         ("blocks", bench_py + ["train", "--baseline", "transformer++"] + compile_flag + anchor, 110),
         ("blocks", bench_py + ["train", "--baseline", "transformer++"] + (
             [] if smoke else ["--compile-model"]) + anchor, 110),
@@ -512,8 +518,16 @@ def search_rows(out):
                     step = (e["train_seconds"] - e["first_step_seconds"]) / (e["steps_trained"] - 1)  # seconds
                     rows.append(f"| {e['summary']} | {e['tokens_per_second']:,.0f} | {e['first_step_seconds']:.2f} | "
                                 f"{100 * max(0.0, e['first_step_seconds'] - step) / e['train_seconds']:.1f} |")
+    if not rows:
+        return []
+    speed = float(np.mean([float(row.split(" | ")[1].replace(",", "")) for row in rows]))
+    logs = "".join(open(os.path.join(out, f)).read() for f in sorted(os.listdir(out)) if f.endswith("-search.log"))
+    plan = re.search(r"bare gpu search plan: .*?(\d+) tokens", logs)
+    hours = [f"The bare gpu search: {int(plan[1]):,} tokens planned at the candidates' mean {speed:,.0f} tokens/s: "
+             f"{int(plan[1]) / speed / 3600:.1f} h of training (the warm-up, first steps and evaluation besides).",
+             ""] if plan else []
     return ["| search candidate | tokens/s | first step s | overhead, % of its rung |", "|---|---|---|---|", *rows,
-            ""] if rows else []
+            "", *hours]
 
 
 def dtype_of(args):

@@ -985,11 +985,16 @@ def test_bench_suite_device_plan_smoke(tmp_path):
     out = run_cli("bench.py", "suite", "--plan", "device", "--smoke", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     logs = sorted(p.name for p in tmp_path.glob("*.log"))
-    assert logs == ["01-warmup.log", "02-search.log", "03-blocks.log", "04-ops.log"], logs
+    assert logs == ["01-warmup.log", "02-search.log", "03-search.log", "04-blocks.log", "05-ops.log"], logs
     assert re.search(r"LIV variants: \d+ graphs in [\d.]+ s; eager: none", (tmp_path / "01-warmup.log").read_text())
-    assert "Delta-1" in (tmp_path / "04-ops.log").read_text() and "tokens/s" in (tmp_path / "03-blocks.log").read_text()
+    assert "Delta-1" in (tmp_path / "05-ops.log").read_text() and "tokens/s" in (tmp_path / "04-blocks.log").read_text()
     table = (tmp_path / "suite.md").read_text()
-    assert table.count("| 0 |") == 4 and len(re.findall(r"^\| [^|]+ \| [\d,]+ \| [\d.]+ \| [\d.]+ \|$", table, re.M)) == 3
+    planned = int(re.search(r"bare gpu search plan: .*?(\d+) tokens", (tmp_path / "03-search.log").read_text())[1])
+    s = runs.settings_from_args(runs.parse_args(["--preset", "gpu"]), print)
+    assert planned == evolve.planned_compute(s)[2] and f"The bare gpu search: {planned:,} tokens planned" in table
+    speed = np.mean([float(x.replace(",", "")) for x in re.findall(r"^\| [^|]+ \| ([\d,]+) \|", table, re.M)])
+    assert f"{planned / speed / 3600:.1f} h of training" in table
+    assert table.count("| 0 |") == 5 and len(re.findall(r"^\| [^|]+ \| [\d,]+ \| [\d.]+ \| [\d.]+ \|$", table, re.M)) == 3
     bench.write_suite_table(str(tmp_path), [("warmup", ["python", "star.py", "compile"], 300.0, "timeout 300 s")], 300.0)
     assert "| warmup | `compile` | 300 | timeout 300 s |" in (tmp_path / "suite.md").read_text()
     again = run_cli("bench.py", "suite", "--plan", "device", "--smoke", "--only", "search", "--out", str(tmp_path))
