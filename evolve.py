@@ -163,11 +163,11 @@ def search(run, pool, log=print):
         if run.generation + 1 >= s["generations"]:
             break
         if s["random_search"]:  # the equal-budget control: no selection, crossover or mutation
-            children = [gn.random_genome(s["preset"]["n_livs"], run.rng) for _ in range(s["population"])]
+            children = [gn.random_genome(s["preset"]["n_livs"], run.rng, s["prior"]) for _ in range(s["population"])]
         else:
             children = make_children([gn.from_compact(c) for c in run.population], *ranked(run, run.population),
                                      s["population"], run.rng, gn.crossover,
-                                     lambda g, rng: gn.mutate(g, rng, s["mutation"]))
+                                     lambda g, rng: gn.mutate(g, rng, s["mutation"], s["prior"]))
         run.generation, run.pending = run.generation + 1, [gn.to_compact(c) for c in children]
         run.save()
     shutil.rmtree(os.path.join(run.out, "states"), ignore_errors=True)  # (a resume with more generations retrains)
@@ -179,9 +179,10 @@ def first_generation(s, rng):
     designs) the baselines and, for the other places, mutants of them in turn."""
     n, size = s["preset"]["n_livs"], s["population"]
     if s["init"] == "random":
-        return [gn.random_genome(n, rng) for _ in range(size)]
+        return [gn.random_genome(n, rng, s["prior"]) for _ in range(size)]
     hybrids = [gn.baseline(name, n) for name in config.SEARCH_BASELINES]
-    return hybrids[:size] + [gn.mutate(hybrids[i % len(hybrids)], rng, s["mutation"]) for i in range(size - len(hybrids))]
+    return hybrids[:size] + [gn.mutate(hybrids[i % len(hybrids)], rng, s["mutation"], s["prior"])
+                             for i in range(size - len(hybrids))]
 
 
 def ranked(run, compacts, rung=None):

@@ -264,7 +264,8 @@ def search_kind(s):
     generation 0 was the hybrids: how --compare groups runs."""
     rungs = f", rungs {','.join(map(str, s['rungs']))}" if len(s.get("rungs", [])) > 1 else ""
     return ("random" if s.get("random_search") else "evolution" + rungs) + (
-        ", init hybrids" if s.get("init") == "hybrids" else "")
+        ", init hybrids" if s.get("init") == "hybrids" else "") + (
+        f", prior {s['prior']}" if s.get("prior", "catalogue") != "catalogue" else "")
 
 
 def top_section(r):

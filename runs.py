@@ -19,7 +19,7 @@ import genome as gn
 import probes
 import workers
 
-VERSION = 7  # of checkpoint.json (versions 2 to 6 are read too: Run.load)
+VERSION = 8  # of checkpoint.json (versions 2 to 7 are read too: Run.load)
 FAILED = 1e30  # the objective value of a failed candidate: worse than anything real
 
 
@@ -102,7 +102,7 @@ def upgrade(state):
     confirmation's seeds); confirmed results are keyed 'confirm/<seed>/<key>', the seed the search's
     + 1; the settings gain the confirmation's new flags, off. 4 -> 5: one rung, the search's budget. 5 -> 6: the lr schedule
     of those trainings, cosine after the warm-up (decay 1.0); promotion by the top quarter (eta 4). 6 -> 7: a random
-    generation 0 (init 'random')."""
+    generation 0 (init 'random'). 7 -> 8: the catalogue prior."""
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         return state
     if state.get("version") == 2 and isinstance(state.get("extra"), dict):
@@ -136,6 +136,8 @@ def upgrade(state):
                                                      "preset": {"decay": 1.0, **state["settings"]["preset"]}}}
     if state.get("version") == 6:
         state = {**state, "version": 7, "settings": {"init": "random", **state["settings"]}}
+    if state.get("version") == 7:
+        state = {**state, "version": 8, "settings": {"prior": "catalogue", **state["settings"]}}
     return state
 
 
@@ -151,10 +153,12 @@ def check_settings(s):
                        ("confirm_steps", (int,)), ("confirm_top", (int,)), ("probes", (bool,)),
                        ("confirm_seeds", (int,)), ("rank_check", (int,)), ("random_search", (bool,)),
                        ("confirm_n_livs", (int, type(None))), ("confirm_width", (int, type(None))),
-                       ("run_id", (str,)), ("rungs", (list,)), ("eta", (int,)), ("init", (str,))):
+                       ("run_id", (str,)), ("rungs", (list,)), ("eta", (int,)), ("init", (str,)), ("prior", (str,))):
         config.field(s, key, kinds, "settings")
     if s["init"] not in ("random", "hybrids"):
         raise ValueError(f"settings.init: {s['init']!r} is not random or hybrids")
+    if s["prior"] not in gn.PRIORS:
+        raise ValueError(f"settings.prior: {s['prior']!r} is not {' or '.join(gn.PRIORS)}")
     if s["objective"] not in config.OBJECTIVES:
         raise ValueError(f"unknown objective {s['objective']!r}; choose from {', '.join(config.OBJECTIVES)}")
     if "recall_error" in config.OBJECTIVES[s["objective"]] and not s["probes"]:
@@ -363,6 +367,9 @@ def parse_args(argv):
                    help="the equal-budget control: every generation drawn at random (no selection, crossover, mutation)")
     p.add_argument("--init", choices=("random", "hybrids"), default=None,
                    help="generation 0: random genomes (the paper), or the baselines and their mutants (default random)")
+    p.add_argument("--prior", choices=gn.PRIORS, default=None,
+                   help="how a random genome or a mutation draws a LIV's class: uniform over the catalogue (the paper; "
+                        "the MLP at 1 place in 21), or balanced (ours: the MLP at half the places) (default catalogue)")
     p.add_argument("--lease", type=config.number("lease"), default=120.0, metavar="SECONDS",
                    help="under torchrun: a task whose process shows no life for this long is trained elsewhere")
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR",
@@ -413,7 +420,8 @@ def settings_from_args(args, log):
                 "confirm_steps": given(args.confirm_steps, rungs[-1]),  # the target
                 "confirm_n_livs": args.confirm_n_livs, "confirm_width": args.confirm_width,
                 "random_search": bool(args.random_search), "run_id": uuid.uuid4().hex,
-                "rungs": rungs, "eta": given(args.eta, defaults["eta"]), "init": args.init or "random"}
+                "rungs": rungs, "eta": given(args.eta, defaults["eta"]), "init": args.init or "random",
+                "prior": args.prior or "catalogue"}
     for key in ("confirm_top", "confirm_seeds", "rank_check"):
         settings[key] = given(getattr(args, key), defaults[key])
     settings["probes"] = bool(args.probes) or "recall_error" in config.OBJECTIVES.get(settings["objective"], ())
@@ -426,7 +434,7 @@ def check_resume_conflicts(args, saved):
     given = {"objective": args.objective, "population": args.population, "mutation": args.mutation,
              "data": args.data, "vocab_size": args.vocab_size, "preset_name": args.preset, "threads": args.threads,
              "probes": args.probes, "random_search": args.random_search, "rungs": args.rungs, "eta": args.eta,
-             "init": args.init}
+             "init": args.init, "prior": args.prior}
     given.update({f.name: getattr(args, f.name) for f in dataclasses.fields(config.Preset)})
     for key, value in given.items():
         have = saved["preset"][key] if key in saved["preset"] else saved[key]

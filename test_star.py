@@ -653,6 +653,20 @@ def test_init_hybrids_starts_from_the_baselines_and_their_mutants(tmp_path):
     assert stop.value.code == 1
 
 
+def test_the_balanced_prior_draws_generation_0_and_is_kept_by_the_run(tmp_path):
+    """--prior balanced: generation 0 is drawn under it from the run's seed; a resume keeps it, another
+    prior is refused; --compare keeps such runs apart."""
+    evolve.main(search_args(tmp_path, "--prior", "balanced", "--generations", "1", "--confirm-steps", "0"))
+    rng = np.random.default_rng(0)
+    drawn = [gn.to_compact(gn.random_genome(2, rng, "balanced")) for _ in range(4)]
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert [e["compact"] for e in state["evaluations"]] == [
+        c for i, c in enumerate(drawn) if runs.model_key(c) not in map(runs.model_key, drawn[:i])]
+    assert state["settings"]["prior"] == "balanced" and "prior balanced" in report.search_kind(state["settings"])
+    with pytest.raises(SystemExit):
+        evolve.main(["--resume", str(tmp_path), "--prior", "catalogue"])
+
+
 def as_version_2(path):
     """Rewrite a checkpoint in version 2's names: 'batch' for the pending genomes, 'extra' for the
     confirmation results (one seed, the search's + 1, then) under 'confirm:' prefixes; none of the
@@ -1207,7 +1221,8 @@ def finished_run(tmp_path_factory):
 
 
 CHECKPOINT_DAMAGE = [  # (what is changed, the field the error must name)
-    (lambda s: s.update(version=8), "version"),
+    (lambda s: s.update(version=9), "version"),
+    (lambda s: s["settings"].update(prior="uniform"), "settings.prior"),
     (lambda s: s["settings"].update(init="hybrid"), "settings.init"),
     (lambda s: s["settings"]["preset"].update(width=-4), "--width"),
     (lambda s: s["settings"]["preset"].pop("decay"), "settings.preset lacks decay"),
