@@ -786,6 +786,10 @@ def test_curve_analysis_costs_and_simulated_searches_against_hand_worked_cases()
          "confirm_width": None, "preset": dataclasses.asdict(config.PRESETS["tiny"])}
     baselines = 3 * sum(b - start for b, start in zip((120, 400, 1200), (0, 96, 320)))
     assert curves.cost((120, 400, 1200), 3, 27) == evolve.planned_steps(s)[0] - baselines
+    # the curve signal also needs each cut's budget before (60 for 120, 240 for 400): one more decay branch
+    assert curves.cost((120, 400, 1200), 3, 27, branches=True) == curves.cost((120, 400, 1200), 3, 27) + 27 * 12 + 9 * 48
+    power = {b: 30.0 * b ** -0.25 for b in curves.BUDGETS}  # a power law: extrapolated exactly
+    assert curves.extrapolated(power, 120) == pytest.approx(math.log(power[1200]))
     models = {"a": {"ppl": {120: 9.0, 1200: 4.0}}, "b": {"ppl": {120: 8.0, 1200: 5.0}}}
     rng = np.random.default_rng(0)
     raw = lambda k, b: models[k]["ppl"][b]  # noqa: E731

@@ -12,7 +12,9 @@ halving does: each budget continues from the state kept where the previous one's
 would give. The first --second-seed models (the hybrids first) also train under seed 1, for each
 budget's seed noise. Results are written after every model, so a killed build continues.
 """
+import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -108,19 +110,32 @@ def late_gain_loo(models, budget, ridge=1.0):
     return predicted
 
 
+def extrapolated(ppl, b):
+    """log ppl at the target from the last two budgets up to b, on a straight line in log-log (a power
+    law in the steps); needs the result at the budget before b (in a search: one more decay branch)."""
+    p = BUDGETS[BUDGETS.index(b) - 1]
+    slope = (math.log(ppl[b]) - math.log(ppl[p])) / (math.log(b) - math.log(p))
+    return math.log(ppl[b]) + slope * (math.log(TARGET) - math.log(b))
+
+
 def signals(models):
     """The first-cut signals, each a function (model, budget) -> a score (lower is better): the raw
-    result at the budget, and the result less its predicted late gain (composition, leave one out)."""
+    result at the budget; the result less its predicted late gain (composition, leave one out); the
+    result extrapolated along its own curve."""
     gains = {b: late_gain_loo(models, b) for b in BUDGETS[:-1]}
     return {"raw": lambda k, b: math.log(models[k]["ppl"][b]),
-            "composition": lambda k, b: math.log(models[k]["ppl"][b]) - (gains[b][k] if b != TARGET else 0.0)}
+            "composition": lambda k, b: math.log(models[k]["ppl"][b]) - (gains[b][k] if b != TARGET else 0.0),
+            "curve": lambda k, b: extrapolated(models[k]["ppl"], b)}
 
 
-def cost(rungs, eta, n):
+def cost(rungs, eta, n, branches=False):
     """Candidate-steps of successive halving over n models: each rung's share continued from the decay of
-    the rung below (star.decay_start at the default 20% decay), as the search plans it."""
+    the rung below (star.decay_start at the default 20% decay), as the search plans it; branches: each
+    cut also needs the result at the budget before it (the curve signal), one more decay branch."""
     kept = [0] + [b - round(0.2 * b) for b in rungs[:-1]]
-    return sum(n // eta ** r * (b - start) for r, (b, start) in enumerate(zip(rungs, kept)))
+    extra = [round(0.2 * BUDGETS[BUDGETS.index(b) - 1]) if branches and r < len(rungs) - 1 else 0
+             for r, b in enumerate(rungs)]
+    return sum(n // eta ** r * (b - start + x) for r, (b, start, x) in enumerate(zip(rungs, kept, extra)))
 
 
 def simulate(models, pool, rungs, eta, n, score, rng):
@@ -138,7 +153,9 @@ RULES = [  # (name, rungs, eta, signal at the cuts)
     ("240,800,1200 raw", (240, 800, 1200), 3, "raw"),
     ("400,1200 raw", (400, 1200), 3, "raw"),
     ("120,400,1200 composition", (120, 400, 1200), 3, "composition"),
-    ("60,240,1200 composition", (60, 240, 1200), 3, "composition"),
+    ("240,800,1200 composition", (240, 800, 1200), 3, "composition"),
+    ("120,400,1200 curve", (120, 400, 1200), 3, "curve"),
+    ("240,800,1200 curve", (240, 800, 1200), 3, "curve"),
 ]
 
 
@@ -148,15 +165,17 @@ def analyse(table, draws=1000, reference=27, seed=0):
     mamba = math.log(models[gn.to_compact(gn.baseline("striped-mamba", 8))]["ppl"][TARGET])
     keys = list(models)
     lines = [f"{len(models)} models through every budget (seed 0); Spearman of each budget's order with {TARGET} steps:", ""]
-    lines += ["| budget | rho, raw | rho, composition (leave one out) | transformer++, striped-mamba, striped-hyena: rank |",
-              "|---|---|---|---|"]
+    lines += ["| budget | rho, raw | rho, composition (leave one out) | rho, curve | transformer++, striped-mamba, "
+              "striped-hyena: rank (raw) |", "|---|---|---|---|---|"]
     sig = signals(models)
     hybrids = [gn.to_compact(gn.baseline(name, 8)) for name in gn.BASELINES]
     for b in BUDGETS[:-1]:
         raw = [sig["raw"](k, b) for k in keys]
         place = {k: 1 + sorted(raw).index(sig["raw"](k, b)) for k in hybrids if k in models}
-        lines.append(f"| {b} | {report.spearman(raw, [models[k]['ppl'][TARGET] for k in keys]):.2f} | "
-                     f"{report.spearman([sig['composition'](k, b) for k in keys], [models[k]['ppl'][TARGET] for k in keys]):.2f} | "
+        target = [models[k]["ppl"][TARGET] for k in keys]
+        rho = [report.spearman([sig[name](k, b) for k in keys], target) if name != "curve" or b != BUDGETS[0]
+               else float("nan") for name in ("raw", "composition", "curve")]
+        lines.append(f"| {b} | " + " | ".join(f"{x:.2f}" if x == x else "-" for x in rho) + " | "
                      + ", ".join(f"{place.get(h, '-')}" for h in hybrids) + f" of {len(keys)} |")
     lines += ["", f"Simulated searches ({draws} draws each, at the compute of {reference} models under today's rule; "
               "the choice against StripedMamba at 1,200 steps, seed 0):", "",
@@ -164,7 +183,8 @@ def analyse(table, draws=1000, reference=27, seed=0):
     pool = [k for k in keys if models[k]["source"] != "hybrid"]
     budget = cost((120, 400, 1200), 3, reference)
     for name, rungs, eta, signal in RULES:
-        n = max(k for k in range(1, len(pool) + 1) if cost(rungs, eta, k) <= budget) if cost(rungs, eta, 1) <= budget else 1
+        spend = functools.partial(cost, rungs, eta, branches=signal == "curve")
+        n = max([k for k in range(1, len(pool) + 1) if spend(k) <= budget] or [1])
         rng = np.random.default_rng(seed)
         margins = np.array([simulate(models, pool, rungs, eta, n, sig[signal], rng) - mamba for _ in range(draws)])
         pct = lambda x: f"{100 * (math.exp(x) - 1):+.1f}%"  # noqa: E731
@@ -195,6 +215,14 @@ def noise_lines(table):
     return lines
 
 
+def shard(text):
+    """--shard K/N: (K, N) with 0 <= K < N."""
+    k, _, n = text.partition("/")
+    if not (k.isascii() and k.isdigit() and n.isascii() and n.isdigit() and int(k) < int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 0 <= K < N")
+    return int(k), int(n)
+
+
 def main(argv=None):
     p = config.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="the table (JSON; read first: a killed build continues)")
@@ -205,6 +233,8 @@ def main(argv=None):
     p.add_argument("--second-seed", type=config.number("population"), default=16, help="models also under seed 1")
     p.add_argument("--seeds", default="0,1", help="the training seeds this process builds (0, 1 or both): two "
                    "processes may build a table's two seeds into two files")
+    p.add_argument("--shard", type=shard, default=(0, 1), metavar="K/N",
+                   help="build every Nth model from the Kth (N processes, N files: merge them by key)")
     p.add_argument("--threads", type=config.number("threads"), default=2)
     p.add_argument("--analyse", action="store_true", help="print the analysis of the table in --out; train nothing")
     args = p.parse_args(argv)
@@ -227,7 +257,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     models = genomes(preset.n_livs, args.genome_seed, args.random, args.balanced, args.mutants)
     jobs = [(0, m) for m in models] + [(1, m) for m in models[:args.second_seed]]
-    jobs = [(seed, m) for seed, m in jobs if str(seed) in args.seeds.split(",")]
+    jobs = [(seed, m) for seed, m in jobs if str(seed) in args.seeds.split(",")][args.shard[0]::args.shard[1]]
     for i, (seed, (source, g)) in enumerate(jobs):
         key = f"{seed}/{gn.to_compact(g)}"
         if key in done:
