@@ -447,14 +447,14 @@ def device_plan(args):
               ["--preset", "gpu", "--batch", "64", "--seq-len", "1024"])
     star_py, evolve_py, bench_py = [sys.executable, "star.py"], [sys.executable, "evolve.py"], [sys.executable, __file__]
     return [
-        ("warmup", star_py + ["compile", "--preset", "gpu"] + sizes + (["--device", "cpu"] if smoke else []), 300),
+        ("warmup", star_py + ["compile", "--preset", "gpu"] + sizes + (["--device", "cpu"] if smoke else []), 200),
         ("search", evolve_py + ["--preset", "gpu", "--population", "3", "--generations", "1", "--confirm-steps",
-                                "0", "--out", os.path.join(args.out, "search")] + rung + sizes, 170),
-        ("search", [sys.executable, "-c", BARE_PLAN], 60),  # the bare gpu search's tokens, for its hours
-        ("blocks", bench_py + ["train", "--baseline", "transformer++"] + compile_flag + anchor, 110),
+                                "0", "--out", os.path.join(args.out, "search")] + rung + sizes, 130),
+        ("search", [sys.executable, "-c", BARE_PLAN], 30),  # the bare gpu search's tokens, for its hours
+        ("blocks", bench_py + ["train", "--baseline", "transformer++"] + compile_flag + anchor, 90),
         ("blocks", bench_py + ["train", "--baseline", "transformer++"] + (
-            [] if smoke else ["--compile-model"]) + anchor, 110),
-        ("ops", bench_py + ["ops"] + SHAPES["smoke" if smoke else "reference"]["ops"] + compile_flag, 240),
+            [] if smoke else ["--compile-model"]) + anchor, 90),
+        ("ops", bench_py + ["ops"] + SHAPES["smoke" if smoke else "reference"]["ops"] + compile_flag, 180),
     ]
 
 
