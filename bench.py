@@ -297,6 +297,10 @@ def ops(args):
     for name, ms in results.items():
         print(f"{name:<14}" + (ms if isinstance(ms, str) else f"{ms:>10.3f}" + (
               f"{ms / base:>8.2f}" if not isinstance(base, str) else "")))
+    if not isinstance(base, str):  # the device plan's goals: SA-2 within 1.5x of SA-1, no class over 3x
+        ratio = {n: ms / base for n, ms in results.items() if not isinstance(ms, str)}
+        print(f"SA-2 {ratio.get('SA-2', float('nan')):.2f}x SA-1, Delta-1 {ratio.get('Delta-1', float('nan')):.2f}x; "
+              f"over 3x: {', '.join(n for n, r in ratio.items() if r > 3) or 'none'}")
     loop_ms, chunk_ms, short = recurrence_vs_loop(args, device)
     print(f"\nrecurrence: chunked {chunk_ms:.3f} ms at length {args.seq_len}; Python loop {loop_ms:.3f} ms at "
           f"length {short}, extrapolated x{args.seq_len / short:.0f} = {loop_ms * args.seq_len / short:.1f} ms "

@@ -926,6 +926,12 @@ def test_bench_ops_compares_every_class_with_sdpa(capsys):
                 "--warmup", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     assert all(f"\n{name} " in out for name in CLASS_NAMES) and "extrapolated" in out
+    ratio = {line.split()[0]: float(line.split()[2]) for line in out.splitlines() if line.split()[:1] and
+             line.split()[0] in CLASS_NAMES and len(line.split()) == 3}
+    goals = re.search(r"SA-2 ([\d.]+)x SA-1, Delta-1 ([\d.]+)x; over 3x: (.*)", out)
+    assert float(goals[1]) == pytest.approx(ratio["SA-2"], abs=0.006) and float(goals[2]) == pytest.approx(
+        ratio["Delta-1"], abs=0.006)
+    assert set(goals[3].split(", ")) - {"none"} == {n for n, r in ratio.items() if r > 3}
 
 
 def test_every_class_traces_without_graph_breaks():
