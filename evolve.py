@@ -557,24 +557,11 @@ def main(argv=None):
 
 def compare(dirs):
     """Print finished runs side by side (report.compare_section): their checkpoints are checked as a
-    resume's are, and only runs that pair are set beside each other (one corpus, preset but the seed,
-    objective and confirmation budget; each confirmation complete; no run twice)."""
+    resume's are, and only runs that pair are set beside each other (runs.check_comparable)."""
     try:
         loaded = [runs.Run.load(d) for d in dirs]
-        for d, run in zip(dirs, loaded):
-            if not run.settings["confirm_steps"]:
-                raise ValueError(f"--compare: {d} has no confirmation (--confirm-steps 0): nothing to set side by side")
-            missing = [t for t in confirmation_tasks(run) if not confirmed_result(run, *t)]
-            if missing:
-                raise ValueError(f"--compare: {d} has not finished its confirmation ({len(missing)} trainings left: "
-                                 f"python evolve.py --resume {d})")
-        if len({r.settings["run_id"] for r in loaded}) < len(loaded):
-            raise ValueError("--compare: the same run is named twice")
-        pairs = {json.dumps([{**r.settings["preset"], "seed": 0}, r.settings["data"], r.settings["vocab_size"],
-                             r.settings["objective"], r.settings["confirm_steps"]]) for r in loaded}
-        if len(pairs) > 1:
-            raise ValueError("--compare: the runs differ in corpus, preset (width, depth, schedule...), objective "
-                             "or confirmation budget: their margins do not pair")
+        runs.check_comparable(dirs, loaded, lambda run: [t for t in confirmation_tasks(run)
+                                                         if not confirmed_result(run, *t)])
         print("\n".join(report.compare_section([for_report(r) for r in loaded])))
     except ValueError as e:
         config.fail(e)

@@ -508,6 +508,25 @@ def start(args, log):
     return run, workers.StoreWorkers(evaluator, store, rank, world, args.lease)
 
 
+def check_comparable(dirs, loaded, left):
+    """--compare sets runs side by side only when they pair: one corpus, preset but the seed,
+    objective and confirmation budget; each confirmation complete (left(run): its trainings still
+    to do); no run twice."""
+    for d, run in zip(dirs, loaded):
+        if not run.settings["confirm_steps"]:
+            raise ValueError(f"--compare: {d} has no confirmation (--confirm-steps 0): nothing to set side by side")
+        if left(run):
+            raise ValueError(f"--compare: {d} has not finished its confirmation ({len(left(run))} trainings left: "
+                             f"python evolve.py --resume {d})")
+    if len({r.settings["run_id"] for r in loaded}) < len(loaded):
+        raise ValueError("--compare: the same run is named twice")
+    pairs = {json.dumps([{**r.settings["preset"], "seed": 0}, r.settings["data"], r.settings["vocab_size"],
+                         r.settings["objective"], r.settings["confirm_steps"]]) for r in loaded}
+    if len(pairs) > 1:
+        raise ValueError("--compare: the runs differ in corpus, preset (width, depth, schedule...), objective "
+                         "or confirmation budget: their margins do not pair")
+
+
 def confirmed_key(compact, stage, seed):
     return f"{stage}/{seed}/{model_key(compact)}"
 
