@@ -17,6 +17,7 @@ import math
 import os
 import re
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -483,10 +484,13 @@ def suite(args):
         with open(log, "w") as f:
             f.write(f"$ {command}\n")
             f.flush()
+            child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env={
+                **os.environ, "PYTHONUNBUFFERED": "1", **({"STAR_COMPILE_BACKEND": "eager"} if args.smoke else {})})
             try:
-                code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env={
-                    **os.environ, "PYTHONUNBUFFERED": "1", **({"STAR_COMPILE_BACKEND": "eager"} if args.smoke else {})}).returncode
-            except subprocess.TimeoutExpired:
+                code = child.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:  # the command and what it started (the warm-up's compile shares)
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
                 code = f"timeout {timeout} s"
         with open(log) as f:
             print(f.read().split("\n", 1)[1], end="", flush=True)

@@ -256,13 +256,15 @@ def promote(run, pool, log):
 
 def prune_states(run):
     """Delete the kept states that can never be continued (ours, for disk): a model's state at a rung
-    it has passed, and one ranked below the most the settings can ever promote from its rung (the
-    top 1/eta of at most population x generations / eta^rung models); a model only falls in rank."""
-    s = run.settings
+    it has passed, and, with one objective, one ranked below the most the settings can ever promote
+    from its rung (the top 1/eta of at most population x generations / eta^rung models): with one
+    objective a model only falls in rank."""
+    s, one = run.settings, len(config.OBJECTIVES[run.settings["objective"]]) == 1
     for rung, steps in enumerate(s["rungs"][:-1]):
-        order = best_at(run, rung)
-        hopeful = {model_key(c) for c in order[: s["population"] * s["generations"] // s["eta"] ** (rung + 1)]}
-        hopeful -= set(run.at_rung(rung + 1))
+        order = best_at(run, rung)  # (two objectives: a new model can lift another by crowding: all kept)
+        hopeful = {model_key(c) for c in order[: s["population"] * s["generations"] // s["eta"] ** (rung + 1)
+                                                 if one else None]}
+        hopeful -= {k for k, e in run.at_rung(rung + 1).items() if not e.get("transient")}  # a retry needs it
         for e in run.at_rung(rung).values():
             if e["key"] not in hopeful:
                 with contextlib.suppress(OSError):
@@ -416,7 +418,7 @@ def front_ends(run, front):
 def top_rung_baseline(run, name):
     """A baseline's result at the highest rung (where the search's best were compared), else its first."""
     later = run.baselines.get(f"{name}@{run.settings['rungs'][-1]}")
-    return later if later and later["status"] == "ok" else run.baselines[name]
+    return {**run.baselines[name], **later} if later and later["status"] == "ok" else run.baselines[name]
 
 
 def ranking(run):

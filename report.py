@@ -173,7 +173,7 @@ def size_verdict(r, evolved):
     """Several objectives: per baseline, the confirmed candidate with the smallest second objective
     that is level with the baseline or better (not behind beyond the paired interval), and how much
     smaller it is."""
-    if len(r.objectives) < 2:
+    if len(r.objectives) < 2 or r.objectives[1] == "recall_error":  # a size or a latency, not an error rate
         return []
     key, second, lines = r.objectives[0], r.objectives[1], []
     for b in (c for c in r.confirmed if c.kind == "baseline"):
@@ -183,7 +183,7 @@ def size_verdict(r, evolved):
             lines.append(f"No confirmed candidate is level with {b.label} or better.")
             continue
         c, m = min(level, key=lambda x: x[0].search[second])
-        ratio = b.search[second] / max(c.search[second], 1)
+        ratio = b.search[second] / c.search[second] if c.search[second] > 0 else math.inf
         lines.append(f"Against {b.label}: {c.label} has {c.search[second]:,} {second.replace('_', ' ')} against "
                      f"{b.search[second]:,} ({f'{ratio:.1f}x smaller' if ratio >= 1 else f'{1 / ratio:.1f}x larger'}) "
                      f"at {fmt_margin(*m, key)} {key}.")
@@ -304,7 +304,7 @@ def rung_lines(r):
     rungs, preset = r.settings.get("rungs", []), r.settings["preset"]
     if len(rungs) < 2:
         return []
-    n, steps = Counter(e["rung"] for e in r.trainings), Counter()
+    n, steps = Counter(e["rung"] for e in r.trainings if not e.get("copied")), Counter()
     for e in r.trainings:
         steps[e["rung"]] += trained(e, r.settings)
     return [f"Rungs (asynchronous successive halving, the top 1/{r.settings.get('eta')} continued; each result at the "
@@ -538,12 +538,12 @@ def baseline_at(r, name, e):
 def baseline_top(r, name):
     """Baseline `name` at the highest rung it reached with a result (where the search's best stand)."""
     later = [e for _, e in sorted((r.rung_baselines or {}).get(name, {}).items()) if e and e["status"] == "ok"]
-    return later[-1] if later else r.baselines[name]
+    return {**r.baselines[name], **later[-1]} if later else r.baselines[name]  # with the first rung's measurements
 
 
 def baseline_rungs(r):
     """Every baseline's results, one per rung it trained at: what a figure sets beside candidates."""
-    return {name: [b] + [e for _, e in sorted((r.rung_baselines or {}).get(name, {}).items()) if e]
+    return {name: [b] + [{**b, **e} for _, e in sorted((r.rung_baselines or {}).get(name, {}).items()) if e]
             for name, b in r.baselines.items()}
 
 

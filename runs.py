@@ -17,6 +17,7 @@ import torch
 import config
 import genome as gn
 import probes
+import star
 import workers
 
 VERSION = 8  # of checkpoint.json (versions 2 to 7 are read too: Run.load)
@@ -181,11 +182,7 @@ def check_settings(s):
             raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
     if s["init"] == "hybrids" and s["preset"]["n_livs"] % 2:
         raise ValueError(f"--init hybrids: the baselines need an even --n-livs, not {s['preset']['n_livs']}")
-    if s["init"] == "hybrids" and s["population"] < len(config.SEARCH_BASELINES):
-        raise ValueError(f"--init hybrids: --population {s['population']} cannot hold the "
-                         f"{len(config.SEARCH_BASELINES)} hybrids")
     check_rungs(s["rungs"], s["preset"]["steps"])
-    check_ladder(s)
     if large_size(s):
         n, n_livs = s["preset"]["n_livs"], large_size(s)[0]
         if n_livs % n:
@@ -207,24 +204,34 @@ def check_rungs(rungs, steps):
                          f"--steps {steps}")
 
 
-def check_ladder(s):
-    """Rungs that can do what they say: some model reaches the target (ASHA keeps the top 1/eta of
-    at most population x generations candidates per rung), and a state is kept at every rung below
-    it (the warm-up ends before the first rung does)."""
-    rungs, n, warmup = s["rungs"], s["population"] * s["generations"], s["preset"]["warmup"]
+def plan_problems(s):
+    """Settings that cannot do what they say, in words: refused for a new run, a warning on resume
+    (a run begun under older checks still finishes). Some model must reach the target (ASHA keeps
+    the top 1/eta of at most population x generations candidates per rung); every rung below it
+    must keep a state to continue from (its decay starts before its end: --warmup, --decay); the
+    hybrids must fit the population."""
+    rungs, n, p = s["rungs"], s["population"] * s["generations"], config.Preset(**s["preset"])
+    problems = []
     if len(rungs) > 1 and n // s["eta"] ** (len(rungs) - 1) < 1:
-        raise ValueError(f"--rungs {','.join(map(str, rungs))} --eta {s['eta']}: of at most {n} candidates "
-                         f"(--population x --generations) none would reach {rungs[-1]} steps (the top 1/{s['eta']} "
-                         f"continue at each rung); use fewer rungs, a lower --eta or more candidates")
-    if warmup >= rungs[0] and (len(rungs) > 1 or warmup > rungs[0]):
-        raise ValueError(f"--warmup {warmup} is not shorter than the first rung's {rungs[0]} steps"
-                         + (": no state could be kept to continue from" if len(rungs) > 1 else ""))
+        problems.append(f"--rungs {','.join(map(str, rungs))} --eta {s['eta']}: of at most {n} candidates "
+                        f"(--population x --generations) none would reach {rungs[-1]} steps (the top 1/{s['eta']} "
+                        f"continue at each rung); use fewer rungs, a lower --eta or more candidates")
+    stuck = [b for b in rungs[:-1] if star.decay_start(dataclasses.replace(p, steps=b)) >= b]
+    if stuck:
+        problems.append(f"--warmup {p.warmup} --decay {p.decay}: the {stuck[0]}-step rung's decay would not start "
+                        "before its end, so no state could be kept to continue from")
+    if len(rungs) == 1 and p.warmup > rungs[0]:
+        problems.append(f"--warmup {p.warmup} is longer than the {rungs[0]}-step budget")
+    if s["init"] == "hybrids" and s["population"] < len(config.SEARCH_BASELINES):
+        problems.append(f"--init hybrids: --population {s['population']} cannot hold the "
+                        f"{len(config.SEARCH_BASELINES)} hybrids")
+    return problems
 
 
 def setting_warnings(args, s):
     """Flags a run can go on with, though they do nothing or less than they say: one line each."""
     n = s["population"] * s["generations"]
-    return [line for wanted, line in (
+    return (plan_problems(s) if args.resume else []) + [line for wanted, line in (
         (args.eta is not None and len(s["rungs"]) == 1, f"--eta {args.eta} does nothing with one rung"),
         (args.confirm_seeds is not None and not s["confirm_steps"],
          f"--confirm-seeds {args.confirm_seeds} does nothing with --confirm-steps 0 (no confirmation)"),
@@ -425,7 +432,10 @@ def settings_from_args(args, log):
     for key in ("confirm_top", "confirm_seeds", "rank_check"):
         settings[key] = given(getattr(args, key), defaults[key])
     settings["probes"] = bool(args.probes) or "recall_error" in config.OBJECTIVES.get(settings["objective"], ())
-    return check_settings(settings)
+    check_settings(settings)
+    if plan_problems(settings):
+        raise ValueError(plan_problems(settings)[0])
+    return settings
 
 
 def check_resume_conflicts(args, saved):
@@ -518,13 +528,13 @@ def check_comparable(dirs, loaded, left):
         if left(run):
             raise ValueError(f"--compare: {d} has not finished its confirmation ({len(left(run))} trainings left: "
                              f"python evolve.py --resume {d})")
-    if len({r.settings["run_id"] for r in loaded}) < len(loaded):
+    if len({r.settings["run_id"] for r in loaded}) < len(loaded) or len(set(map(os.path.realpath, dirs))) < len(dirs):
         raise ValueError("--compare: the same run is named twice")
-    pairs = {json.dumps([{**r.settings["preset"], "seed": 0}, r.settings["data"], r.settings["vocab_size"],
-                         r.settings["objective"], r.settings["confirm_steps"]]) for r in loaded}
-    if len(pairs) > 1:
-        raise ValueError("--compare: the runs differ in corpus, preset (width, depth, schedule...), objective "
-                         "or confirmation budget: their margins do not pair")
+    for what, of in (("corpus", lambda s: (s["data"], s["vocab_size"])), ("objective", lambda s: s["objective"]),
+                     ("preset (width, depth, schedule...)", lambda s: json.dumps({**s["preset"], "seed": 0})),
+                     ("confirmation budget", lambda s: s["confirm_steps"])):
+        if len({of(r.settings) for r in loaded}) > 1:
+            raise ValueError(f"--compare: the runs differ in their {what}: their margins do not pair")
 
 
 def confirmed_key(compact, stage, seed):

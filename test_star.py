@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -1026,6 +1027,29 @@ def test_bench_suite_device_plan_smoke(tmp_path):
     assert "$ " not in again.stdout  # refused before any command ran
 
 
+def test_a_suite_command_past_its_timeout_is_stopped_with_what_it_started(tmp_path, monkeypatch, capsys):
+    """A command cut at its timeout is a row 'timeout', and its children go with it (the warm-up's
+    compile shares must not run on into the next command's measurement)."""
+    pid_file = tmp_path / "child.pid"
+    starts_a_child = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+                      "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(60)")
+    monkeypatch.setattr(bench, "device_plan", lambda args: [("warmup", [sys.executable, "-c", starts_a_child,
+                                                                         str(pid_file)], 3)])
+    args = types.SimpleNamespace(plan="device", only=None, out=str(tmp_path), smoke=True)
+    with pytest.raises(SystemExit):
+        bench.suite(args)
+    assert "timeout 3 s" in (tmp_path / "suite.md").read_text()
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # the orphan is reaped by init once killed
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the command's child {pid} outlived the timeout")
+
+
 def test_compiled_blocks_are_reused_by_later_models(corpus):
     """The search compiles each residual-block variant once: a new model made of known LIV
     variants compiles no new graph (turnover stays near zero after the first candidates)."""
@@ -1699,9 +1723,11 @@ def test_random_search_draws_no_child_by_crossover_or_mutation(tmp_path, monkeyp
 COMPARE_REFUSALS = [  # (a copy of the confirmed run, changed so; what the one line says)
     (lambda s: None, "named twice"),
     (lambda s: s.update(confirmed=dict(list(s["confirmed"].items())[:1])), "not finished its confirmation"),
-    (lambda s: s["settings"].update(data="other.txt", run_id="b"), "differ in corpus"),
-    (lambda s: s["settings"]["preset"].update(width=32) or s["settings"].update(run_id="b"), "differ in corpus, preset"),
-    (lambda s: s["settings"].update(objective="quality-size", run_id="b"), "objective"),
+    (lambda s: s["settings"].update(data="other.txt", run_id="b"), "differ in their corpus"),
+    (lambda s: s["settings"]["preset"].update(width=32) or s["settings"].update(run_id="b"), "differ in their preset"),
+    (lambda s: s["settings"].update(objective="quality-size", run_id="b"), "differ in their objective"),
+    (lambda s: s["settings"].update(confirm_steps=6, run_id="b") or [e.update(steps=6) for e in s["confirmed"].values()],
+     "differ in their confirmation budget"),
     (lambda s: s["settings"].update(confirm_steps=0, run_id="b"), "has no confirmation"),
 ]
 
@@ -1751,10 +1777,21 @@ def test_the_confirmation_of_a_front_spreads_over_it(tmp_path):
     expected = {front[0]["key"]} | {min((e for e in front if e["ppl"] <= b["ppl"]), key=lambda e: e["cache_bytes"])["key"]
                                     for b in at.values() if b["status"] == "ok" and any(e["ppl"] <= b["ppl"] for e in front)}
     confirmed = {e["key"] for kind, e in evolve.finalists(run) if kind == "top"}
-    assert expected <= confirmed and len(expected) >= 1
+    ends = evolve.front_ends(run, front)
+    assert ends and {e["key"] for e in ends} - {front[0]["key"]}  # an end besides the lowest perplexity
+    assert expected <= confirmed and {e["key"] for e in ends} <= expected
     assert confirmed <= {e["key"] for e in front}
     text = (tmp_path / "report.md").read_text()
     assert text.count("Against ") + text.count("No confirmed candidate is level with") == 3
+
+
+def test_compare_refuses_an_old_run_named_twice(confirmed_run, tmp_path, capsys):
+    """A version-2 checkpoint gets a fresh run id at each reading: the same directory is caught by its path."""
+    shutil.copytree(confirmed_run, tmp_path / "old")
+    as_version_2(tmp_path / "old" / "checkpoint.json")
+    with pytest.raises(SystemExit):
+        evolve.main(["--compare", str(tmp_path / "old"), str(tmp_path / "old") + "/"])
+    assert "named twice" in capsys.readouterr().err
 
 
 def test_confirmation_can_be_skipped(tmp_path):
@@ -1961,6 +1998,53 @@ def test_a_kept_state_that_a_later_generation_promotes_is_never_pruned(tmp_path)
                         for c in later]
     assert evolve.promotable(run, 1) == first
     assert all(os.path.exists(workers.state_path(run.out, x, 60)) for x in first)
+
+
+def test_kept_states_of_a_transient_failure_or_a_front_are_kept(tmp_path):
+    """A model whose continuation failed transiently is tried again from its state: the state stays.
+    With two objectives a new model can lift another by crowding: no state is pruned by rank."""
+    first = [f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9)]
+    for objective in ("quality", "quality-size"):
+        run = fake_run(dict(zip(first, (2.0, 3.0, 4.0, 5.0))), first, [], objective)
+        for e in run.evaluations:
+            e["params"] = 100
+        run.out = str(tmp_path / objective)
+        run.settings = {**run.settings, "eta": 4, "generations": 1, "population": 4}  # the top 1 can continue
+        run.evaluations.append({**run.evaluations[0], "rung": 1, "status": "failed", "transient": True, "ppl": None})
+        for x in first:
+            workers.Evaluator.keep(workers.state_path(run.out, x, 60), {"model": {}, "optimizer": {}, "step": 48, "key": x})
+        evolve.prune_states(run)
+        kept = [x for x in first if os.path.exists(workers.state_path(run.out, x, 60))]
+        assert kept == (first[:1] if objective == "quality" else first), (objective, kept)
+
+
+def test_a_baseline_at_the_top_rung_keeps_its_first_rung_measurements():
+    """Latency and probes are measured at the first rung only: a baseline shown or confirmed at the top
+    rung carries them (a quality-latency report raised a KeyError)."""
+    run = fake_run({}, [], ["1.1.1.1.1-9.2.1.2.1"])
+    run.baselines = {"transformer++": {"status": "ok", "ppl": 9.0, "latency_ms": 1.5, "rung": 0},
+                     "transformer++@240": {"status": "ok", "ppl": 5.0, "rung": 1}}
+    top = evolve.top_rung_baseline(run, "transformer++")
+    assert top["ppl"] == 5.0 and top["latency_ms"] == 1.5 and top["rung"] == 1
+    r = report.Results(out="", settings={"rungs": [60, 240]}, objectives=("ppl", "latency_ms"), evaluations=[],
+                       baselines={"transformer++": run.baselines["transformer++"]}, top=[], confirmed=[], elapsed=0,
+                       rung_baselines={"transformer++": {1: run.baselines["transformer++@240"]}})
+    assert report.baseline_top(r, "transformer++")["latency_ms"] == 1.5
+    assert [b.get("latency_ms") for b in report.baseline_rungs(r)["transformer++"]] == [1.5, 1.5]
+
+
+def test_a_run_begun_under_older_checks_still_resumes_with_a_warning(finished_run, tmp_path, capsys):
+    """The new checks of what settings can do refuse a new run; an older run that fails them (a 3-step
+    rung with a 3-step warm-up, as the checks once allowed) resumes with the problem as a warning."""
+    shutil.copytree(finished_run, tmp_path / "old")
+    edit_json(tmp_path / "old" / "checkpoint.json", lambda s: s["settings"]["preset"].update(warmup=4))
+    evolve.main(["--resume", str(tmp_path / "old")])
+    assert "warning: --warmup 4 is longer than the 3-step budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the same as a new run: refused
+        evolve.main(search_args(tmp_path / "new", "--warmup", "4"))
+    with pytest.raises(SystemExit):  # a decay that rounds to nothing keeps no state at the first rung
+        evolve.main(search_args(tmp_path / "new", *RUNGS, "--decay", "0.01"))
+    assert "decay would not start before its end" in capsys.readouterr().err
 
 
 def test_a_model_that_failed_at_a_higher_rung_ranks_by_its_last_result():

@@ -113,6 +113,8 @@ def late_gain_loo(models, budget, ridge=1.0):
 def extrapolated(ppl, b):
     """log ppl at the target from the last two budgets up to b, on a straight line in log-log (a power
     law in the steps); needs the result at the budget before b (in a search: one more decay branch)."""
+    if b == BUDGETS[0]:
+        raise ValueError(f"no budget before {b} steps to extrapolate from")
     p = BUDGETS[BUDGETS.index(b) - 1]
     slope = (math.log(ppl[b]) - math.log(ppl[p])) / (math.log(b) - math.log(p))
     return math.log(ppl[b]) + slope * (math.log(TARGET) - math.log(b))
@@ -133,6 +135,8 @@ def cost(rungs, eta, n, branches=False):
     the rung below (star.decay_start at the default 20% decay), as the search plans it; branches: each
     cut also needs the result at the budget before it (the curve signal), one more decay branch."""
     kept = [0] + [b - round(0.2 * b) for b in rungs[:-1]]
+    if branches and BUDGETS[0] in rungs[:-1]:
+        raise ValueError(f"no budget before {BUDGETS[0]} steps to branch at")
     extra = [round(0.2 * BUDGETS[BUDGETS.index(b) - 1]) if branches and r < len(rungs) - 1 else 0
              for r, b in enumerate(rungs)]
     return sum(n // eta ** r * (b - start + x) for r, (b, start, x) in enumerate(zip(rungs, kept, extra)))
@@ -161,14 +165,21 @@ RULES = [  # (name, rungs, eta, signal at the cuts)
 
 def analyse(table, draws=1000, reference=27, seed=0):
     """The report of items 2 and 3 as markdown lines."""
+    if not isinstance(table, dict) or not all(isinstance(e, dict) and {"seed", "genome", "source", "budgets"} <= set(e)
+                                              for e in table.values()):
+        raise ValueError("not a curve table (data/curves.py writes one)")
     models = complete(table)
-    mamba = math.log(models[gn.to_compact(gn.baseline("striped-mamba", 8))]["ppl"][TARGET])
+    hybrids = [gn.to_compact(gn.baseline(name, 8)) for name in gn.BASELINES]
+    pool = [k for k in models if models[k]["source"] != "hybrid"]
+    if not set(hybrids) <= set(models) or len(pool) < 3:
+        raise ValueError(f"the table holds {len(models)} models through every budget under seed 0: the analysis needs "
+                         "the three hybrids and at least three others")
+    mamba = math.log(models[hybrids[1]]["ppl"][TARGET])
     keys = list(models)
     lines = [f"{len(models)} models through every budget (seed 0); Spearman of each budget's order with {TARGET} steps:", ""]
     lines += ["| budget | rho, raw | rho, composition (leave one out) | rho, curve | transformer++, striped-mamba, "
               "striped-hyena: rank (raw) |", "|---|---|---|---|---|"]
     sig = signals(models)
-    hybrids = [gn.to_compact(gn.baseline(name, 8)) for name in gn.BASELINES]
     for b in BUDGETS[:-1]:
         raw = [sig["raw"](k, b) for k in keys]
         place = {k: 1 + sorted(raw).index(sig["raw"](k, b)) for k in hybrids if k in models}
@@ -180,7 +191,6 @@ def analyse(table, draws=1000, reference=27, seed=0):
     lines += ["", f"Simulated searches ({draws} draws each, at the compute of {reference} models under today's rule; "
               "the choice against StripedMamba at 1,200 steps, seed 0):", "",
               "| rule | models drawn | mean margin | 10th-90th percentile | beats StripedMamba |", "|---|---|---|---|---|"]
-    pool = [k for k in keys if models[k]["source"] != "hybrid"]
     budget = cost((120, 400, 1200), 3, reference)
     for name, rungs, eta, signal in RULES:
         spend = functools.partial(cost, rungs, eta, branches=signal == "curve")
@@ -240,10 +250,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.analyse:
         try:
-            table = gn.read_json(args.out, "curve table")
+            return print("\n".join(analyse(gn.read_json(args.out, "curve table"))))
         except ValueError as e:
-            config.fail(str(e))
-        return print("\n".join(analyse(table)))
+            config.fail(f"{args.out}: {e}")
     try:
         config.output_file(args.out, "curve table")
         done = gn.read_json(args.out, "curve table") if os.path.exists(args.out) else {}
