@@ -178,16 +178,18 @@ def analyse(table, draws=1000, reference=27, seed=0):
     keys = list(models)
     lines = [f"{len(models)} models through every budget (seed 0); Spearman of each budget's order with {TARGET} steps:", ""]
     lines += ["| budget | rho, raw | rho, composition (leave one out) | rho, curve | transformer++, striped-mamba, "
-              "striped-hyena: rank (raw) |", "|---|---|---|---|---|"]
+              "striped-hyena: rank, raw | the same, composition |", "|---|---|---|---|---|---|"]
     sig = signals(models)
     for b in BUDGETS[:-1]:
-        raw = [sig["raw"](k, b) for k in keys]
-        place = {k: 1 + sorted(raw).index(sig["raw"](k, b)) for k in hybrids if k in models}
+        places = []
+        for name in ("raw", "composition"):
+            scores = sorted(sig[name](k, b) for k in keys)
+            places.append(", ".join(str(1 + scores.index(sig[name](h, b))) for h in hybrids))
         target = [models[k]["ppl"][TARGET] for k in keys]
         rho = [report.spearman([sig[name](k, b) for k in keys], target) if name != "curve" or b != BUDGETS[0]
                else float("nan") for name in ("raw", "composition", "curve")]
         lines.append(f"| {b} | " + " | ".join(f"{x:.2f}" if x == x else "-" for x in rho) + " | "
-                     + ", ".join(f"{place.get(h, '-')}" for h in hybrids) + f" of {len(keys)} |")
+                     + " | ".join(f"{p} of {len(keys)}" for p in places) + " |")
     lines += ["", f"Simulated searches ({draws} draws each, at the compute of {reference} models under today's rule; "
               "the choice against StripedMamba at 1,200 steps, seed 0):", "",
               "| rule | models drawn | mean margin | 10th-90th percentile | beats StripedMamba |", "|---|---|---|---|---|"]
