@@ -300,7 +300,8 @@ def ops(args):
               f"{ms / base:>8.2f}" if not isinstance(base, str) else "")))
     if not isinstance(base, str):  # the device plan's goals: SA-2 within 1.5x of SA-1, no class over 3x
         ratio = {n: ms / base for n, ms in results.items() if not isinstance(ms, str)}
-        print(f"SA-2 {ratio.get('SA-2', float('nan')):.2f}x SA-1, Delta-1 {ratio.get('Delta-1', float('nan')):.2f}x; "
+        of = lambda n: f"{ratio[n]:.2f}x" if n in ratio else "failed"  # noqa: E731
+        print(f"goals: SA-2 {of('SA-2')} SA-1, Delta-1 {of('Delta-1')}; "
               f"over 3x: {', '.join(n for n, r in ratio.items() if r > 3) or 'none'}")
     loop_ms, chunk_ms, short = recurrence_vs_loop(args, device)
     print(f"\nrecurrence: chunked {chunk_ms:.3f} ms at length {args.seq_len}; Python loop {loop_ms:.3f} ms at "
