@@ -443,7 +443,7 @@ def device_plan(args):
     """The GPU path in two calls of at most 8 minutes on a fresh H200 (issue 37): --only warmup,search
     (the cold warm-up, then a 3-candidate, one-rung gpu search from the warm cache), then --only
     blocks,ops (Transformer++ per block against the same model compiled whole, at the anchor's shape
-    of ../shared/ANCHORS.md: 2.98M tokens/s compiled whole, 1.62M eager; every class's
+    of the plain-PyTorch anchor (an H200: 2.98M tokens/s compiled whole, 1.62M eager); every class's
     forward+backward against SA-1). (section, argv, timeout s) triples; --smoke: CPU sizes, dynamo's
     eager backend (STAR_COMPILE_BACKEND)."""
     smoke, compile_flag = args.smoke, [] if args.smoke else ["--compile"]

@@ -433,8 +433,9 @@ def settings_from_args(args, log):
         settings[key] = given(getattr(args, key), defaults[key])
     settings["probes"] = bool(args.probes) or "recall_error" in config.OBJECTIVES.get(settings["objective"], ())
     check_settings(settings)
-    if plan_problems(settings):
-        raise ValueError(plan_problems(settings)[0])
+    problems = plan_problems(settings)
+    if problems:
+        raise ValueError(problems[0])
     return settings
 
 

@@ -132,13 +132,14 @@ def signals(models):
 
 def cost(rungs, eta, n, branches=False):
     """Candidate-steps of successive halving over n models: each rung's share continued from the decay of
-    the rung below (star.decay_start at the default 20% decay), as the search plans it; branches: each
+    the rung below (star.decay_start under the tiny preset), as the search plans it; branches: each
     cut also needs the result at the budget before it (the curve signal), one more decay branch."""
-    kept = [0] + [b - round(0.2 * b) for b in rungs[:-1]]
+    decay = lambda b: star.decay_start(dataclasses.replace(config.PRESETS["tiny"], steps=b))  # noqa: E731
+    kept = [0] + [decay(b) for b in rungs[:-1]]
     if branches and BUDGETS[0] in rungs[:-1]:
         raise ValueError(f"no budget before {BUDGETS[0]} steps to branch at")
-    extra = [round(0.2 * BUDGETS[BUDGETS.index(b) - 1]) if branches and r < len(rungs) - 1 else 0
-             for r, b in enumerate(rungs)]
+    before = [BUDGETS[BUDGETS.index(b) - 1] for b in rungs[:-1]] if branches else []
+    extra = [p - decay(p) for p in before] + [0] * (len(rungs) - len(before))
     return sum(n // eta ** r * (b - start + x) for r, (b, start, x) in enumerate(zip(rungs, kept, extra)))
 
 
@@ -215,7 +216,8 @@ def analyse(table, draws=1000, reference=27, seed=0):
 def noise_lines(table):
     """Each budget's seed noise: the sd over models of the per-model log-ppl difference between the
     two seeds, against the spread between models."""
-    both = [(a, complete(table, 1)[k]) for k, a in complete(table).items() if k in complete(table, 1)]
+    second = complete(table, 1)
+    both = [(a, second[k]) for k, a in complete(table).items() if k in second]
     if len(both) < 3:
         return []
     lines = ["", f"Seed noise ({len(both)} models under seeds 0 and 1): per budget, the sd of a model's log-ppl "
