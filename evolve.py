@@ -188,10 +188,11 @@ def first_generation(s, rng):
 def ranked(run, compacts, rung=None):
     """NSGA-II's (rank, crowding) of these models, with the rung-first rule (ours, successive
     halving; the one place selection meets rungs): every model that reached a higher rung ranks
-    ahead of every model of a lower one, and within a rung NSGA-II orders the results there.
-    With `rung`, every model's result at that rung."""
-    F = run.objectives(compacts, rung)
-    level = run.levels(compacts) if rung is None else np.zeros(len(compacts), dtype=int)
+    ahead of every model of a lower one, and within a rung NSGA-II orders the results there, each
+    perplexity below the top rung as predicted at the top (`judged`). With `rung`, every model's
+    result at that rung."""
+    level = run.levels(compacts) if rung is None else np.full(len(compacts), rung)
+    F = judged(run, compacts, level, rung)
     rank, crowd, fronts_above = np.zeros(len(F), dtype=int), np.zeros(len(F)), 0
     for r in sorted(set(level.tolist()), reverse=True):
         rows = np.flatnonzero(level == r)
@@ -199,6 +200,37 @@ def ranked(run, compacts, rung=None):
         rank[rows] += fronts_above
         fronts_above = rank[rows].max() + 1
     return rank, crowd
+
+
+def judged(run, compacts, level, rung=None):
+    """The objectives of each model at its level's rung, its perplexity there divided by the late
+    gain its composition predicts up to the top rung (`late_gain`): below the top, a model is judged
+    by the result it is predicted to reach at the target."""
+    F, keys, top = run.objectives(compacts, rung), config.OBJECTIVES[run.settings["objective"]], len(run.settings["rungs"]) - 1
+    for r in set(level.tolist()) - {top} if "ppl" in keys else ():
+        gain, rows = late_gain(run, r), np.flatnonzero(level == r)
+        F[rows, keys.index("ppl")] /= np.exp([gain(compacts[i]) for i in rows])
+    return F
+
+
+def late_gain(run, rung, ridge=0.1):
+    """The first cut's signal (ours, issue 36; README: "What reaches the target"): short convolutions
+    look good early and fade, MLP-rich designs gain most late. A ridge regression of each model's
+    log(ppl at this rung / ppl at the top rung) on its composition (genome.composition), fitted on
+    every model with both results: the baselines, which train through every rung first, and the
+    run's models that reached the top. Returns compact -> predicted log gain."""
+    def results(r):  # key -> (compact, log ppl) of the baselines and candidates with a result at rung r
+        entries = [e for e in run.baselines.values() if e.get("rung", 0) == r] + list(run.at_rung(r).values())
+        return {e["key"]: (e["compact"], np.log(e["ppl"])) for e in entries if e["status"] == "ok"}
+    here, top = results(rung), results(len(run.settings["rungs"]) - 1)
+    both = sorted(here.keys() & top.keys())
+    if len(both) < 2:
+        return lambda compact: 0.0
+    X = np.stack([gn.composition(gn.from_compact(here[k][0])) for k in both])  # (n, features)
+    y = np.array([here[k][1] - top[k][1] for k in both])  # (n,)
+    mean = X.mean(0)
+    w = np.linalg.solve((X - mean).T @ (X - mean) + ridge * np.eye(X.shape[1]), (X - mean).T @ (y - y.mean()))
+    return lambda compact: float(y.mean() + (gn.composition(gn.from_compact(compact)) - mean) @ w)
 
 
 def train_generation(run, pool, log):
@@ -256,27 +288,22 @@ def promote(run, pool, log):
 
 def prune_states(run):
     """Delete the kept states that can never be continued (ours, for disk): a model's state at a rung
-    it has passed, and, with one objective, one ranked below the most the settings can ever promote
-    from its rung (the top 1/eta of at most population x generations / eta^rung models): with one
-    objective a model only falls in rank."""
-    s, one = run.settings, len(config.OBJECTIVES[run.settings["objective"]]) == 1
-    for rung, steps in enumerate(s["rungs"][:-1]):
-        order = best_at(run, rung)  # (two objectives: a new model can lift another by crowding: all kept)
-        hopeful = {model_key(c) for c in order[: s["population"] * s["generations"] // s["eta"] ** (rung + 1)
-                                                 if one else None]}
-        hopeful -= {k for k, e in run.at_rung(rung + 1).items() if not e.get("transient")}  # a retry needs it
-        for e in run.at_rung(rung).values():
-            if e["key"] not in hopeful:
+    it has passed. Every other stays: as the first cut's fit learns (`late_gain`), a model can rise."""
+    for rung, steps in enumerate(run.settings["rungs"][:-1]):
+        for key, e in run.at_rung(rung).items():
+            above = run.at_rung(rung + 1).get(key)
+            if above and not above.get("transient"):
                 with contextlib.suppress(OSError):
                     os.remove(workers.state_path(run.out, e["compact"], steps))
 
 
 def promotable(run, rung):
-    """The models in the top 1/eta of the rung below that have no result at this rung (a transient
-    failure there is tried again), best first."""
-    order, here = best_at(run, rung - 1), run.at_rung(rung)
-    return [c for c in order[: len(order) // run.settings["eta"]]
-            if model_key(c) not in here or here[model_key(c)].get("transient")]
+    """The best models of the rung below that have no result at this rung (a transient failure there
+    is tried again), best first, while this rung holds fewer than 1/eta of the rung below (ours: as
+    the first cut's signal moves, the compute stays the plan's)."""
+    order, here, eta = best_at(run, rung - 1), run.at_rung(rung), run.settings["eta"]
+    room = len(order) // eta - sum(not e.get("transient") for e in here.values())
+    return [c for c in order if model_key(c) not in here or here[model_key(c)].get("transient")][:max(0, room)]
 
 
 def best_at(run, rung):

@@ -115,6 +115,16 @@ def lookup(genome_row):
     return CATALOGUE[int(genome_row[CLASS]) - 1]
 
 
+FAMILIES = ("gated", "attention", "sliding", "recurrence", "delta", "short_conv", "long_conv")
+
+
+def composition(genome):
+    """A genome's share of LIVs in each family (FAMILIES), and of differential ones: what the first
+    cut's late-gain fit reads (evolve.late_gain; ours)."""
+    classes = [lookup(row) for row in as_array(genome)]
+    return np.array([np.mean([c.family == f for c in classes]) for f in FAMILIES] + [np.mean([c.diff for c in classes])])
+
+
 def as_array(genome):
     """Rows of 5 integers (lists or an integer array) -> an (n, 5) int64 array. Anything else is
     refused by position: inf, NaN, 1.5, true, an integer beyond int64 (never converted or clipped)."""

@@ -261,11 +261,12 @@ def compare_section(runs):
 
 def search_kind(s):
     """'evolution', 'evolution, rungs 60,240', 'random' (the control), each with ', init hybrids' when
-    generation 0 was the hybrids: how --compare groups runs."""
+    generation 0 was the hybrids and ', prior catalogue' under the paper's prior: how --compare
+    groups runs."""
     rungs = f", rungs {','.join(map(str, s['rungs']))}" if len(s.get("rungs", [])) > 1 else ""
     return ("random" if s.get("random_search") else "evolution" + rungs) + (
         ", init hybrids" if s.get("init") == "hybrids" else "") + (
-        f", prior {s['prior']}" if s.get("prior", "catalogue") != "catalogue" else "")
+        f", prior {s['prior']}" if s.get("prior", "balanced") != "balanced" else "")
 
 
 def top_section(r):

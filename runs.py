@@ -358,7 +358,8 @@ def parse_args(argv):
                              ("confirm_top", "best candidates confirmed beside the baselines", "K"),
                              ("confirm_seeds", "seeds each confirmed model is retrained under: the spread margins "
                                                "must clear", "K"),
-                             ("rank_check", "candidates from the middle and bottom of the search confirmed too", "K")):
+                             ("rank_check", "candidates from the middle and bottom of the search confirmed too (two "
+                                           "objectives: 0 by default)", "K")):
         p.add_argument("--" + flag.replace("_", "-"), type=config.number(flag), default=None, metavar=meta,
                        help=f"{what} ({per_preset(flag)})")
     p.add_argument("--confirm-n-livs", type=config.number("confirm_n_livs"), default=None, metavar="N",
@@ -428,7 +429,9 @@ def settings_from_args(args, log):
                 "confirm_n_livs": args.confirm_n_livs, "confirm_width": args.confirm_width,
                 "random_search": bool(args.random_search), "run_id": uuid.uuid4().hex,
                 "rungs": rungs, "eta": given(args.eta, defaults["eta"]), "init": args.init or "random",
-                "prior": args.prior or "catalogue"}
+                "prior": args.prior or "balanced"}
+    if len(config.OBJECTIVES.get(settings["objective"], ())) > 1:  # ours: a front's confirmation spreads over it
+        defaults = {**defaults, "rank_check": 0}                  # instead (evolve.finalists), within ~45 minutes
     for key in ("confirm_top", "confirm_seeds", "rank_check"):
         settings[key] = given(getattr(args, key), defaults[key])
     settings["probes"] = bool(args.probes) or "recall_error" in config.OBJECTIVES.get(settings["objective"], ())
@@ -526,16 +529,17 @@ def check_comparable(dirs, loaded, left):
     for d, run in zip(dirs, loaded):
         if not run.settings["confirm_steps"]:
             raise ValueError(f"--compare: {d} has no confirmation (--confirm-steps 0): nothing to set side by side")
-        if left(run):
-            raise ValueError(f"--compare: {d} has not finished its confirmation ({len(left(run))} trainings left: "
-                             f"python evolve.py --resume {d})")
-    if len({r.settings["run_id"] for r in loaded}) < len(loaded) or len(set(map(os.path.realpath, dirs))) < len(dirs):
-        raise ValueError("--compare: the same run is named twice")
     for what, of in (("corpus", lambda s: (s["data"], s["vocab_size"])), ("objective", lambda s: s["objective"]),
                      ("preset (width, depth, schedule...)", lambda s: json.dumps({**s["preset"], "seed": 0})),
                      ("confirmation budget", lambda s: s["confirm_steps"])):
         if len({of(r.settings) for r in loaded}) > 1:
             raise ValueError(f"--compare: the runs differ in their {what}: their margins do not pair")
+    for d, run in zip(dirs, loaded):
+        if left(run):
+            raise ValueError(f"--compare: {d} has not finished its confirmation ({len(left(run))} trainings left: "
+                             f"python evolve.py --resume {d})")
+    if len({r.settings["run_id"] for r in loaded}) < len(loaded) or len(set(map(os.path.realpath, dirs))) < len(dirs):
+        raise ValueError("--compare: the same run is named twice")
 
 
 def confirmed_key(compact, stage, seed):

@@ -636,7 +636,7 @@ def test_init_hybrids_starts_from_the_baselines_and_their_mutants(tmp_path):
     """--init hybrids: generation 0 holds the three baselines, then mutants of each in turn (every one
     a valid genome that differs from its parent: mutation at rate 1); an odd depth is refused."""
     evolve.main(search_args(tmp_path, "--init", "hybrids", "--population", "5", "--generations", "1", "--mutation", "1",
-                            "--rungs", "3,6", "--eta", "2", "--confirm-steps", "0"))
+                            "--rungs", "3,6", "--eta", "2", "--confirm-steps", "0", "--prior", "catalogue"))
     first = [e for e in read_evaluations(tmp_path) if e["generation"] == 0 and e["rung"] == 0]
     hybrids = [gn.to_compact(gn.baseline(name, 2)) for name in config.SEARCH_BASELINES]
     assert [e["compact"] for e in first[:3]] == hybrids and len(first) == 5
@@ -655,15 +655,16 @@ def test_init_hybrids_starts_from_the_baselines_and_their_mutants(tmp_path):
 
 
 def test_the_balanced_prior_draws_generation_0_and_is_kept_by_the_run(tmp_path):
-    """--prior balanced: generation 0 is drawn under it from the run's seed; a resume keeps it, another
-    prior is refused; --compare keeps such runs apart."""
-    evolve.main(search_args(tmp_path, "--prior", "balanced", "--generations", "1", "--confirm-steps", "0"))
+    """The balanced prior is the default: generation 0 is drawn under it from the run's seed; a resume
+    keeps it, another prior is refused; --compare keeps runs under the paper's prior apart."""
+    evolve.main(search_args(tmp_path, "--generations", "1", "--confirm-steps", "0"))
     rng = np.random.default_rng(0)
     drawn = [gn.to_compact(gn.random_genome(2, rng, "balanced")) for _ in range(4)]
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     assert [e["compact"] for e in state["evaluations"]] == [
         c for i, c in enumerate(drawn) if runs.model_key(c) not in map(runs.model_key, drawn[:i])]
-    assert state["settings"]["prior"] == "balanced" and "prior balanced" in report.search_kind(state["settings"])
+    assert state["settings"]["prior"] == "balanced" and "prior" not in report.search_kind(state["settings"])
+    assert report.search_kind({**state["settings"], "prior": "catalogue"}).endswith(", prior catalogue")
     with pytest.raises(SystemExit):
         evolve.main(["--resume", str(tmp_path), "--prior", "catalogue"])
 
@@ -804,6 +805,25 @@ def test_curve_analysis_costs_and_simulated_searches_against_hand_worked_cases()
     assert max(abs(predicted[k] - gain[k]) for k in genomes) < 1e-6
 
 
+def test_the_curve_analysis_runs_the_search_own_promotions(monkeypatch):
+    """search_loop promotes through evolve.promotable: the raw cut keeps the two fastest starters (c1,
+    c2); with a late gain that knows the MLP-rich model m gains most, m reaches the target and is
+    the choice."""
+    sys.path.insert(0, "data")
+    import curves
+    hybrids = [gn.to_compact(gn.baseline(n, 8)) for n in config.SEARCH_BASELINES]
+    rng = np.random.default_rng(0)
+    pool = [gn.to_compact(gn.random_genome(8, rng)) for _ in range(4)]
+    c1, c2, m, x = pool
+    at = {c1: (8.0, 6.0), c2: (8.1, 6.1), m: (8.5, 4.5), x: (9.0, 7.0), **{h: (8.0, 5.0) for h in hybrids}}
+    models = {k: {"ppl": {120: a, 1200: b}} for k, (a, b) in at.items()}
+    def loop(rng, first_cut=True):
+        return curves.search_loop(models, pool, hybrids, rng, first_cut, population=4, generations=1, rungs=(120, 1200), eta=2)
+    assert loop(np.random.default_rng(0), first_cut=False) == pytest.approx(math.log(6.0))
+    monkeypatch.setattr(evolve, "late_gain", lambda run, rung: lambda c: math.log(at[c][0] / at[c][1]))
+    assert loop(np.random.default_rng(0)) == pytest.approx(math.log(4.5))
+
+
 def test_curve_table_genomes_are_distinct_and_interleaved():
     sys.path.insert(0, "data")
     import curves
@@ -821,7 +841,7 @@ def test_leader_helpers_read_the_sharing_genes():
 
 
 def test_resume_a_finished_run_to_extend_it(tmp_path):
-    evolve.main(search_args(tmp_path, "--generations", "1"))
+    evolve.main(search_args(tmp_path, "--generations", "1", "--prior", "catalogue"))  # (2 LIVs: more distinct children)
     assert len(read_evaluations(tmp_path)) <= 4
     evolve.main(["--resume", str(tmp_path)])  # finished: nothing to do but the outputs
     first = read_evaluations(tmp_path)
@@ -1708,7 +1728,7 @@ def test_random_search_draws_no_child_by_crossover_or_mutation(tmp_path, monkeyp
     evolve.main(search_args(tmp_path, *CONFIRMED, "--random-search", "--confirm-n-livs", "8", *RUNGS))
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     rng = np.random.default_rng(0)
-    drawn = [gn.to_compact(gn.random_genome(4, rng)) for _ in range(8)]  # 2 generations of 4
+    drawn = [gn.to_compact(gn.random_genome(4, rng, "balanced")) for _ in range(8)]  # 2 generations of 4, the default prior
     assert [e["compact"] for e in state["evaluations"] if e["rung"] == 0] == [
         c for i, c in enumerate(drawn) if runs.model_key(c) not in map(runs.model_key, drawn[:i])]
     assert any(e["rung"] == 1 and e["steps_trained"] < 6 for e in state["evaluations"])  # promoted and continued
@@ -1982,42 +2002,6 @@ def test_promotion_with_two_objectives_does_not_depend_on_arrival_order():
     assert chosen[0] == chosen[1] == chosen[2] and len(chosen[0]) == 1
 
 
-def test_a_kept_state_that_a_later_generation_promotes_is_never_pruned(tmp_path):
-    """eta 4 over 4 x 4 candidates: after generation 0 (4 models) the old rule kept twice the share
-    then (the top 2); 12 worse models later, the top 4 continue, and the third needs its state
-    (issue 36, g: random-0 retrained one from scratch)."""
-    first = [f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9)]
-    run = fake_run(dict(zip(first, (2.0, 3.0, 4.0, 5.0))), first, [])
-    run.out, run.settings = str(tmp_path), {**run.settings, "eta": 4, "generations": 4, "population": 4}
-    state = {"model": {}, "optimizer": {}, "step": 48, "key": "k"}
-    for x in first:
-        workers.Evaluator.keep(workers.state_path(run.out, x, 60), state)
-    evolve.prune_states(run)
-    later = [gn.to_compact(gn.random_genome(2, np.random.default_rng(i))) for i in range(12)]
-    run.evaluations += [{"key": runs.model_key(c), "status": "ok", "ppl": 9.0, "compact": c, "rung": 0, "generation": 1}
-                        for c in later]
-    assert evolve.promotable(run, 1) == first
-    assert all(os.path.exists(workers.state_path(run.out, x, 60)) for x in first)
-
-
-def test_kept_states_of_a_transient_failure_or_a_front_are_kept(tmp_path):
-    """A model whose continuation failed transiently is tried again from its state: the state stays.
-    With two objectives a new model can lift another by crowding: no state is pruned by rank."""
-    first = [f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9)]
-    for objective in ("quality", "quality-size"):
-        run = fake_run(dict(zip(first, (2.0, 3.0, 4.0, 5.0))), first, [], objective)
-        for e in run.evaluations:
-            e["params"] = 100
-        run.out = str(tmp_path / objective)
-        run.settings = {**run.settings, "eta": 4, "generations": 1, "population": 4}  # the top 1 can continue
-        run.evaluations.append({**run.evaluations[0], "rung": 1, "status": "failed", "transient": True, "ppl": None})
-        for x in first:
-            workers.Evaluator.keep(workers.state_path(run.out, x, 60), {"model": {}, "optimizer": {}, "step": 48, "key": x})
-        evolve.prune_states(run)
-        kept = [x for x in first if os.path.exists(workers.state_path(run.out, x, 60))]
-        assert kept == (first[:1] if objective == "quality" else first), (objective, kept)
-
-
 def test_a_baseline_at_the_top_rung_keeps_its_first_rung_measurements():
     """Latency and probes are measured at the first rung only: a baseline shown or confirmed at the top
     rung carries them (a quality-latency report raised a KeyError)."""
@@ -2059,23 +2043,89 @@ def test_a_model_that_failed_at_a_higher_rung_ranks_by_its_last_result():
     assert rank[1] < rank[0]
 
 
-def test_kept_states_stay_for_the_models_that_may_continue(tmp_path, capsys):
-    """eta 4, at most 8 candidates: the top 2 of rung 0 may ever continue (b, d); b passed rung 0 already."""
-    a, b, c, d = (f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9))
-    run = fake_run({a: 5.0, b: 2.0, c: 6.0, d: 4.0}, [a, b], [])
-    run.out, run.settings["eta"] = str(tmp_path), 4
-    run.evaluations.append({**run.evaluations[1], "ppl": 1.5, "rung": 1})
-    run.settings["generations"] = 4  # 2 x 4 candidates at most: the top 2 of rung 0 can ever continue
-    state = {"model": {}, "optimizer": {}, "step": 48, "key": d}
-    for x in (a, b, c, d):
-        workers.Evaluator.keep(workers.state_path(run.out, x, 60), state)
-    evolve.prune_states(run)
-    assert [x for x in (a, b, c, d) if os.path.exists(workers.state_path(run.out, x, 60))] == [d]
-    assert workers.read_state(workers.state_path(run.out, d, 60)) == state
-    assert workers.read_state(workers.state_path(run.out, a, 60)) is None  # gone: a training from scratch
+def test_kept_states_go_only_once_their_model_has_passed_the_rung(tmp_path, capsys):
+    """eta 4: b passed rung 0 (its state goes); a, c and d stay however they rank, for the first cut's
+    fit can lift any of them later (issue 36, g: a state pruned by rank was promoted later); x's
+    continuation failed transiently: it is tried again from its state."""
+    a, b, c, d, x = (f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9, 11))
+    for objective in ("quality", "quality-size"):
+        run = fake_run({a: 5.0, b: 2.0, c: 6.0, d: 4.0, x: 3.0}, [a, b], [], objective)
+        run.out, run.settings["eta"] = str(tmp_path / objective), 4
+        for e in run.evaluations:
+            e["params"] = 100
+        run.evaluations.append({**run.evaluations[1], "ppl": 1.5, "rung": 1})
+        run.evaluations.append({**run.evaluations[4], "rung": 1, "status": "failed", "transient": True, "ppl": None})
+        for m in (a, b, c, d, x):
+            workers.Evaluator.keep(workers.state_path(run.out, m, 60), {"model": {}, "optimizer": {}, "step": 48, "key": m})
+        evolve.prune_states(run)
+        assert [m for m in (a, b, c, d, x) if os.path.exists(workers.state_path(run.out, m, 60))] == [a, c, d, x]
+        assert workers.read_state(workers.state_path(run.out, d, 60))["key"] == d
+        assert workers.read_state(workers.state_path(run.out, b, 60)) is None  # gone: a training from scratch
     (tmp_path / "a_file").write_text("")
     workers.Evaluator.keep(str(tmp_path / "a_file" / "y.pt"), {"step": 1})  # cannot be written: a warning
     assert "from scratch" in capsys.readouterr().err
+
+
+def test_a_rung_never_holds_more_than_a_third_of_the_rung_below():
+    """eta 2: the rung above holds at most half the rung below, so the compute stays the plan's when
+    the order moves: e arrives best but waits for room (ASHA would promote it at once)."""
+    a, b, c, d, e, f = (f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9, 11, 13))
+    run = fake_run({a: 1.0, b: 2.0, c: 3.0, d: 4.0}, [a, b], [])
+    run.settings["eta"] = 2
+    run.evaluations += [{**run.evaluations[i], "ppl": 0.5, "rung": 1} for i in (0, 1)]  # a and b: rung 1 full
+    more = lambda x, p: {"key": runs.model_key(x), "status": "ok", "ppl": p, "compact": x, "rung": 0, "generation": 1}  # noqa: E731
+    run.evaluations.append(more(e, 0.5))
+    assert evolve.promotable(run, 1) == []  # 5 at rung 0: room for 2, both taken
+    run.evaluations.append(more(f, 9.0))
+    assert evolve.promotable(run, 1) == [e]
+
+
+def late_run(top_gains, rung0):
+    """A run whose baselines and candidates have these log gains from rung 0 (60 steps) to the top
+    (240) ({compact: gain}, ppl 5.0 at the top), and these candidates at rung 0 only ({compact: ppl})."""
+    run = fake_run(rung0, [], list(rung0))
+    for i, (c, g) in enumerate(top_gains.items()):
+        for r in (0, 1):
+            entry = {"key": runs.model_key(c), "status": "ok", "ppl": 5.0 * math.exp(g * (r == 0)), "compact": c, "rung": r}
+            if i < 3:
+                run.baselines[config.SEARCH_BASELINES[i] + ("@240" if r else "")] = entry
+            else:
+                run.evaluations.append({**entry, "generation": 0})
+    return run
+
+
+def test_the_late_gain_fit_recovers_a_gain_linear_in_the_composition():
+    """Gains exactly linear in the composition (each family's own late gain, differential ones more)
+    on 12 models: the fit predicts a 13th model's gain (ridge near 0: the least-squares answer; at the
+    default it shrinks, keeping the order)."""
+    per_family, diff = np.array([0.4, 0.05, 0.1, 0.2, 0.15, -0.1, 0.25]), 0.3
+    rng = np.random.default_rng(3)
+    genomes = [gn.random_genome(8, rng, "balanced") for _ in range(13)]
+    true = {gn.to_compact(g): float(gn.composition(g)[:7] @ per_family + diff * gn.composition(g)[7]) for g in genomes}
+    new, *fitted = true
+    run = late_run({c: true[c] for c in fitted}, {new: 9.0})
+    assert evolve.late_gain(run, 0, ridge=1e-9)(new) == pytest.approx(true[new], abs=1e-6)
+    shrunk = evolve.late_gain(run, 0)
+    assert report.spearman([shrunk(c) for c in true], list(true.values())) > 0.9
+
+
+def test_the_first_cut_judges_a_model_by_its_predicted_result_at_the_target():
+    """The baselines and two top-rung models say MLP-rich models gain most after the first rung: of two
+    candidates at rung 0, the MLP-rich one (9.3) continues ahead of the short convolutions (9.0),
+    and NSGA-II survival ranks it first too. Without the fit's data the raw order decides."""
+    mlp, conv = "9.1.1.1.1-9.2.1.2.1-9.3.1.3.1-9.4.1.4.1-9.5.1.5.1-9.6.1.6.1-7.7.1.7.1-9.8.1.8.1", \
+        "7.1.1.1.1-7.2.1.2.1-7.3.1.3.1-9.4.1.4.1-7.5.1.5.1-7.6.1.6.1-7.7.1.7.1-7.8.1.8.1"
+    assert gn.composition(gn.from_compact(mlp))[0] == 7 / 8 and gn.composition(gn.from_compact(conv))[5] == 7 / 8
+    gains = {gn.to_compact(gn.baseline(n, 8)): g for n, g in zip(config.SEARCH_BASELINES, (0.5, 0.55, 0.52))}
+    gains.update({mlp.replace("7.7.1", "5.7.1"): 0.7, conv.replace("9.4.1", "5.4.1"): 0.2})
+    worse = {f"{i}.1.1.1.1-9.2.1.2.1": 20.0 for i in (1, 3)}  # 6 at rung 0 with the two above: room for one more
+    run = late_run(gains, {conv: 9.0, mlp: 9.3, **worse})
+    run.settings["eta"] = 2
+    assert evolve.promotable(run, 1) == [mlp]
+    assert evolve.ranked(run, [conv, mlp])[0].tolist() == [1, 0]
+    bare = late_run({}, {conv: 9.0, mlp: 9.3, **worse})
+    bare.settings["eta"] = 2
+    assert evolve.promotable(bare, 1) == [conv, mlp]  # 4 at rung 0: room for 2, by the raw order
 
 
 RUNGS = ["--rungs", "3,6", "--eta", "2"]  # with search_args: --steps 3, population 4: the top half continue to 6
@@ -2325,7 +2375,7 @@ def test_a_transient_failure_is_retried_once_and_a_resume_retries_a_second_one(t
     """A simulated out-of-memory error in one candidate is retried at once and recorded ok; one that
     fails twice is recorded failed but transient, and the resume of the killed run trains it again."""
     rng, original = np.random.default_rng(0), star.build_model
-    drawn = [runs.model_key(gn.to_compact(gn.random_genome(2, rng))) for _ in range(6)]  # the run's generation 0
+    drawn = [runs.model_key(gn.to_compact(gn.random_genome(2, rng, "balanced"))) for _ in range(6)]  # the run's generation 0
     distinct = list(dict.fromkeys(drawn))
     failures = {distinct[0]: 1, distinct[3]: 2}  # candidate 1 fails once, candidate 4 twice
 
