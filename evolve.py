@@ -208,8 +208,9 @@ def judged(run, compacts, level, rung=None):
     by the result it is predicted to reach at the target."""
     F, keys, top = run.objectives(compacts, rung), config.OBJECTIVES[run.settings["objective"]], len(run.settings["rungs"]) - 1
     for r in set(level.tolist()) - {top} if "ppl" in keys else ():
-        gain, rows = late_gain(run, r), np.flatnonzero(level == r)
-        F[rows, keys.index("ppl")] /= np.exp([gain(compacts[i]) for i in rows])
+        gain, col = late_gain(run, r), keys.index("ppl")
+        rows = np.flatnonzero((level == r) & (F[:, col] < runs.FAILED))  # a failed model stays failed
+        F[rows, col] /= np.exp([gain(compacts[i]) for i in rows])
     return F
 
 
@@ -217,8 +218,9 @@ def late_gain(run, rung, ridge=0.1):
     """The first cut's signal (ours, issue 36; README: "What reaches the target"): short convolutions
     look good early and fade, MLP-rich designs gain most late. A ridge regression of each model's
     log(ppl at this rung / ppl at the top rung) on its composition (genome.composition), fitted on
-    every model with both results: the baselines, which train through every rung first, and the
-    run's models that reached the top. Returns compact -> predicted log gain."""
+    every model with both results: the baselines, which train through every rung first (all half
+    MLP: they tell attention, recurrence and long convolution apart), and the run's models that
+    reached the top. Returns compact -> predicted log gain, rounded (a torchrun group's hosts agree)."""
     def results(r):  # key -> (compact, log ppl) of the baselines and candidates with a result at rung r
         entries = [e for e in run.baselines.values() if e.get("rung", 0) == r] + list(run.at_rung(r).values())
         return {e["key"]: (e["compact"], np.log(e["ppl"])) for e in entries if e["status"] == "ok"}
@@ -230,7 +232,7 @@ def late_gain(run, rung, ridge=0.1):
     y = np.array([here[k][1] - top[k][1] for k in both])  # (n,)
     mean = X.mean(0)
     w = np.linalg.solve((X - mean).T @ (X - mean) + ridge * np.eye(X.shape[1]), (X - mean).T @ (y - y.mean()))
-    return lambda compact: float(y.mean() + (gn.composition(gn.from_compact(compact)) - mean) @ w)
+    return lambda compact: round(float(y.mean() + (gn.composition(gn.from_compact(compact)) - mean) @ w), 12)
 
 
 def train_generation(run, pool, log):
@@ -271,15 +273,16 @@ def train_and_record(run, pool, tasks, rung):
 
 def promote(run, pool, log):
     """Asynchronous successive halving across generations (Li et al. 2020, ASHA; ours in STAR): at
-    each rung, every model in the top 1/eta of all candidates that reached the rung below (of every
-    generation so far, by NSGA-II's order of their results there) continues to this rung, once,
-    from the state kept at the rung below's decay (workers.Evaluator); then the next rung, with
-    what this one added. Deterministic in the results: a resumed or distributed run promotes the same."""
+    each rung, the best of all candidates that reached the rung below (of every generation so far,
+    by NSGA-II's order of their judged results there) continue to this rung, once, while it holds
+    fewer than 1/eta of them (`promotable`), from the state kept at the rung below's decay
+    (workers.Evaluator); then the next rung, with what this one added. Deterministic in the
+    results: a resumed or distributed run promotes the same."""
     for rung in range(1, len(run.settings["rungs"])):
         compacts = promotable(run, rung)
         if compacts:
-            log(f"gen {run.generation:2d} rung {rung}: {len(compacts)} more in the top 1/{run.settings['eta']} at "
-                f"{run.settings['rungs'][rung - 1]} steps continue to {run.settings['rungs'][rung]}")
+            log(f"gen {run.generation:2d} rung {rung}: {len(compacts)} more of the best at {run.settings['rungs'][rung - 1]} "
+                f"steps continue to {run.settings['rungs'][rung]} (at most 1/{run.settings['eta']} of them)")
         for entry in train_and_record(run, pool, [(c, workers.stage(rung)) for c in compacts], rung):
             log(f"gen {run.generation:2d} rung {rung}  {entry['compact']}  {report.describe(entry, pool.world)}  "
                 f"~{star.duration(time_left(run, pool.world))} left")
@@ -290,9 +293,9 @@ def prune_states(run):
     """Delete the kept states that can never be continued (ours, for disk): a model's state at a rung
     it has passed. Every other stays: as the first cut's fit learns (`late_gain`), a model can rise."""
     for rung, steps in enumerate(run.settings["rungs"][:-1]):
+        above = run.at_rung(rung + 1)
         for key, e in run.at_rung(rung).items():
-            above = run.at_rung(rung + 1).get(key)
-            if above and not above.get("transient"):
+            if key in above and not above[key].get("transient"):
                 with contextlib.suppress(OSError):
                     os.remove(workers.state_path(run.out, e["compact"], steps))
 
@@ -307,8 +310,9 @@ def promotable(run, rung):
 
 
 def best_at(run, rung):
-    """The models that trained at this rung, best first by NSGA-II's order of their results there;
-    ties (a front's two ends, both of infinite crowding) by the results, never by arrival."""
+    """The models that trained at this rung, best first by NSGA-II's order of their judged results
+    there (`judged`); ties (a front's two ends, both of infinite crowding) by the results, never by
+    arrival."""
     ok = sorted((e["compact"] for e in run.at_rung(rung).values() if e["status"] == "ok"),
                 key=lambda c: (*run.objectives([c], rung)[0], c))
     return [ok[i] for i in best_first(*ranked(run, ok, rung))] if ok else []

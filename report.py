@@ -308,7 +308,7 @@ def rung_lines(r):
     n, steps = Counter(e["rung"] for e in r.trainings if not e.get("copied")), Counter()
     for e in r.trainings:
         steps[e["rung"]] += trained(e, r.settings)
-    return [f"Rungs (asynchronous successive halving, the top 1/{r.settings.get('eta')} continued; each result at the "
+    return [f"Rungs (asynchronous successive halving, at most 1/{r.settings.get('eta')} of a rung continued; each result at the "
             "highest rung it reached): " + "; ".join(
                 f"{b} steps: {n[i]} trainings, {fmt_count(steps[i] * preset['batch_size'] * preset['seq_len'])} tokens"
                 for i, b in enumerate(rungs)) + ".", ""]

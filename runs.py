@@ -370,14 +370,15 @@ def parse_args(argv):
                    help="successive halving: the step budgets a model may continue to, the last the target "
                         "(the first is --steps; tiny 120,400,1200, gpu 375,3000; one rung if only --steps is given)")
     p.add_argument("--eta", type=config.number("eta"), default=None, metavar="N",
-                   help=f"the top 1/N of a rung's results continue to the next ({per_preset('eta')})")
+                   help=f"the best of a rung's results continue to the next while it holds under 1/N of them "
+                        f"({per_preset('eta')})")
     p.add_argument("--random-search", action="store_true", default=None,
                    help="the equal-budget control: every generation drawn at random (no selection, crossover, mutation)")
     p.add_argument("--init", choices=("random", "hybrids"), default=None,
                    help="generation 0: random genomes (the paper), or the baselines and their mutants (default random)")
     p.add_argument("--prior", choices=gn.PRIORS, default=None,
                    help="how a random genome or a mutation draws a LIV's class: uniform over the catalogue (the paper; "
-                        "the MLP at 1 place in 21), or balanced (ours: the MLP at half the places) (default catalogue)")
+                        "the MLP at 1 place in 21), or balanced (ours: the MLP at half the places) (default balanced)")
     p.add_argument("--lease", type=config.number("lease"), default=120.0, metavar="SECONDS",
                    help="under torchrun: a task whose process shows no life for this long is trained elsewhere")
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR",

@@ -819,6 +819,9 @@ def test_the_curve_analysis_runs_the_search_own_promotions(monkeypatch):
     models = {k: {"ppl": {120: a, 1200: b}} for k, (a, b) in at.items()}
     def loop(rng, first_cut=True):
         return curves.search_loop(models, pool, hybrids, rng, first_cut, population=4, generations=1, rungs=(120, 1200), eta=2)
+    def unused(run, rung):
+        raise AssertionError("the raw cut read a late gain")
+    monkeypatch.setattr(evolve, "late_gain", unused)
     assert loop(np.random.default_rng(0), first_cut=False) == pytest.approx(math.log(6.0))
     monkeypatch.setattr(evolve, "late_gain", lambda run, rung: lambda c: math.log(at[c][0] / at[c][1]))
     assert loop(np.random.default_rng(0)) == pytest.approx(math.log(4.5))
@@ -2066,9 +2069,10 @@ def test_kept_states_go_only_once_their_model_has_passed_the_rung(tmp_path, caps
     assert "from scratch" in capsys.readouterr().err
 
 
-def test_a_rung_never_holds_more_than_a_third_of_the_rung_below():
+def test_a_rung_never_holds_more_than_1_over_eta_of_the_rung_below():
     """eta 2: the rung above holds at most half the rung below, so the compute stays the plan's when
-    the order moves: e arrives best but waits for room (ASHA would promote it at once)."""
+    the order moves: e arrives best but waits for room (ASHA would promote it at once); a transient
+    failure there holds no place and is tried again."""
     a, b, c, d, e, f = (f"{i}.1.1.1.1-9.2.1.2.1" for i in (1, 5, 7, 9, 11, 13))
     run = fake_run({a: 1.0, b: 2.0, c: 3.0, d: 4.0}, [a, b], [])
     run.settings["eta"] = 2
@@ -2078,6 +2082,8 @@ def test_a_rung_never_holds_more_than_a_third_of_the_rung_below():
     assert evolve.promotable(run, 1) == []  # 5 at rung 0: room for 2, both taken
     run.evaluations.append(more(f, 9.0))
     assert evolve.promotable(run, 1) == [e]
+    run.evaluations[5].update(status="failed", transient=True, ppl=None)  # b's continuation failed transiently
+    assert evolve.promotable(run, 1) == [e, b]
 
 
 def late_run(top_gains, rung0):
@@ -2107,6 +2113,33 @@ def test_the_late_gain_fit_recovers_a_gain_linear_in_the_composition():
     assert evolve.late_gain(run, 0, ridge=1e-9)(new) == pytest.approx(true[new], abs=1e-6)
     shrunk = evolve.late_gain(run, 0)
     assert report.spearman([shrunk(c) for c in true], list(true.values())) > 0.9
+
+
+def test_the_late_gain_is_fitted_on_the_baselines_at_the_rung_and_the_top():
+    """Three rungs (60, 240, 960): the fit at rung 1 reads the baselines' 'name@240' and 'name@960'
+    results, never their first rung's; with the baselines alone (ridge near 0) it reproduces each
+    one's own gain. A failed model stays failed (1e30)."""
+    hybrids = [gn.to_compact(gn.baseline(n, 8)) for n in config.SEARCH_BASELINES]
+    gain = dict(zip(hybrids, (0.30, 0.20, 0.25)))
+    run = fake_run({"1.1.1.1.1-9.2.1.2.1": 9.0}, [], [])
+    run.settings["rungs"] = [60, 240, 960]
+    for name, c in zip(config.SEARCH_BASELINES, hybrids):
+        base = {"key": runs.model_key(c), "status": "ok", "compact": c}
+        run.baselines.update({name: {**base, "rung": 0, "ppl": 50.0}, f"{name}@240": {**base, "rung": 1, "ppl": 5.0 * math.exp(gain[c])},
+                              f"{name}@960": {**base, "rung": 2, "ppl": 5.0}})
+    fitted = evolve.late_gain(run, 1, ridge=1e-9)
+    assert [fitted(c) for c in hybrids] == pytest.approx([gain[c] for c in hybrids], abs=1e-6)
+    run.evaluations.append({**run.evaluations[0], "compact": hybrids[0], "key": runs.model_key(hybrids[0]),
+                            "status": "failed", "ppl": None})
+    F = evolve.judged(run, [run.evaluations[0]["compact"], hybrids[0]], np.zeros(2, dtype=int), 0)
+    assert F[1, 0] == runs.FAILED and F[0, 0] < 9.0
+
+
+def test_two_objectives_confirm_the_front_instead_of_a_rank_check():
+    for objective, check in (("quality", 1), ("quality-cache", 0)):
+        assert runs.settings_from_args(runs.parse_args(["--preset", "tiny", "--objective", objective]), print)["rank_check"] == check
+    assert runs.settings_from_args(runs.parse_args(["--preset", "tiny", "--objective", "quality-cache", "--rank-check", "2"]),
+                                   print)["rank_check"] == 2
 
 
 def test_the_first_cut_judges_a_model_by_its_predicted_result_at_the_target():

@@ -79,6 +79,8 @@ def curve(g, corpus, preset, log):
 # The analysis: how well a first cut predicts the target (issue 36, items 2 and 3)
 
 TARGET = 1200
+
+
 def complete(table, seed=0):
     """The models trained through every budget under this seed: {compact: {source, ppl: {budget: ppl}, ...}}."""
     out = {}
@@ -90,6 +92,7 @@ def complete(table, seed=0):
 
 
 def composition(compact):
+    """A genome's features (genome.composition) from its compact form."""
     return gn.composition(gn.from_compact(compact))
 
 
@@ -152,7 +155,7 @@ def simulate(models, pool, rungs, eta, n, score, rng):
 
 
 RULES = [  # (name, rungs, eta, signal at the cuts)
-    ("120,400,1200 raw (today)", (120, 400, 1200), 3, "raw"),
+    ("120,400,1200 raw (issue 28's default)", (120, 400, 1200), 3, "raw"),
     ("60,240,1200 raw", (60, 240, 1200), 3, "raw"),
     ("240,800,1200 raw", (240, 800, 1200), 3, "raw"),
     ("400,1200 raw", (400, 1200), 3, "raw"),
@@ -209,7 +212,7 @@ def analyse(table, draws=1000, reference=27, seed=0, loop_draws=300):
                else float("nan") for name in ("raw", "composition", "curve")]
         lines.append(f"| {b} | " + " | ".join(f"{x:.2f}" if x == x else "-" for x in rho) + " | "
                      + " | ".join(f"{p} of {len(keys)}" for p in places) + " |")
-    lines += ["", f"Simulated searches ({draws} draws each, at the compute of {reference} models under today's rule; "
+    lines += ["", f"Simulated searches ({draws} draws each, at the compute of {reference} models under issue 28's default rule; "
               "the choice against StripedMamba at 1,200 steps, seed 0):", "",
               "| rule | models drawn | mean margin | 10th-90th percentile | beats StripedMamba |", "|---|---|---|---|---|"]
     budget = cost((120, 400, 1200), 3, reference)
