@@ -2464,7 +2464,9 @@ def test_the_study_retrains_each_choice_under_fresh_seeds_and_pairs_its_margins(
     d = [math.log(done[f"4 steps/{s}/{best}"]["ppl"]) - math.log(done[f"4 steps/{s}/{sm}"]["ppl"]) for s in (7, 8)]
     half = 12.706 * np.std(d, ddof=1) / math.sqrt(2)  # t(0.975, 1 dof)
     expected = report.fmt_margin(np.mean(d), np.mean(d) - half, np.mean(d) + half, "ppl")
-    assert expected in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert expected in printed
+    assert f"| `{gn.summary(gn.from_compact(best))}` |" in printed  # whole, never cut (bug e)
     # the lr check: the same study, the baselines also at lr x 2; the rest is read back, not retrained
     study.main([str(confirmed_run), "--steps", "4", "--seeds", "7,8", "--threads", "1", "--out", str(out),
                 "--lr-factors", "2"])

@@ -176,7 +176,7 @@ def table(runs, done, seeds, steps):
         choices[kind, s["seed"]] = c
         m = [report.margin(c, b, "ppl") for b in baselines.values()]
         margins.setdefault(kind, []).append(m)
-        lines.append(f"| {kind} | {s['seed']} | {gn.summary(g)[:40]} | {report.mean(c, 'ppl'):.3f} | " +
+        lines.append(f"| {kind} | {s['seed']} | `{gn.summary(g)}` | {report.mean(c, 'ppl'):.3f} | " +
                      " | ".join(report.fmt_margin(*x, "ppl") for x in m) + " |")
     lines.append("")
     for kind, ms in margins.items():
