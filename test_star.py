@@ -2696,6 +2696,25 @@ def test_probe_command_prints_one_json_line(monkeypatch, capsys):
     assert result["mean"] == pytest.approx(np.mean(list(result["accuracy"].values())))
 
 
+def test_a_candidates_times_leave_no_negative_turnover(monkeypatch):
+    """seconds = training + measured work + turnover, on a clock that ticks 4 ms a reading: a
+    candidate's seconds and measure_seconds must come from one reading (rounding each apart to
+    0.01 s gave turnover -0.003 s and failed CI)."""
+    import workers
+    ticks = itertools.count()
+    clock = lambda: 0.004 * next(ticks)  # noqa: E731
+    monkeypatch.setattr(workers, "time", types.SimpleNamespace(perf_counter=clock, time=clock, sleep=time.sleep))
+    monkeypatch.setattr(star, "train_candidate", lambda *a, **k: {"status": "ok", "ppl": 9.0, "train_seconds": 0.003,
+                                                                   "first_step_seconds": 0.0})
+    monkeypatch.setattr(star, "probe", lambda *a, **k: {"status": "ok", "accuracy": {"recall": 0.5}, "mean": 0.5})
+    preset = dataclasses.replace(config.PRESETS["tiny"], compile=False)
+    settings = {"preset": dataclasses.asdict(preset), "confirm_steps": 0, "rungs": [preset.steps], "data": None,
+                "vocab_size": None, "objective": "quality-recall", "probes": True, "preset_name": "tiny"}
+    entry = workers.Evaluator(settings, "cpu")(gn.to_compact(gn.baseline("transformer++", 2)))
+    assert entry["measure_seconds"] > 0
+    assert report.turnover(entry) == pytest.approx(0.004 - 0.003)  # readings 0 and 1 frame 3 ms of training
+
+
 def test_quality_recall_search_records_probes_and_reports_them(tmp_path, monkeypatch):
     monkeypatch.setattr(probes, "TASKS", {k: dataclasses.replace(t, steps=4) for k, t in probes.TASKS.items()})
     evolve.main(search_args(tmp_path, "--objective", "quality-recall", "--generations", "1", "--confirm-steps", "0"))
